@@ -1,0 +1,129 @@
+"""The ``iceaggr`` command: synthetic data, training, the stability probe, the line fit.
+
+    iceaggr synth --out data/synthetic --events 50000
+    iceaggr train experiments/baseline_1m/config_fixed.yaml --set train.max_steps=200
+    iceaggr probe --data data/synthetic
+    iceaggr linefit --data data/synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from iceaggr.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from iceaggr.synth import write_synthetic_dataset
+
+    path = write_synthetic_dataset(
+        args.out, n_events=args.events, batch_size=args.batch_size, seed=args.seed
+    )
+    print(f"wrote {args.events} events to {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from iceaggr.config import load_config
+    from iceaggr.train import train, write_result
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, resume_from=args.resume)
+    out = Path(cfg.train.out_dir) / "result.json"
+    write_result(result, out)
+    if result.diverged:
+        print(f"DIVERGED: {result.diverged.summary()}")
+        print(json.dumps(result.to_json()["diverged"], indent=2))
+        return 3
+    print(
+        f"trained {result.steps} steps: last loss {result.last_loss:.4f}, "
+        f"validation angular error {result.val_angle if result.val_angle is not None else float('nan'):.4f} rad, "
+        f"{result.events_per_s:.0f} events/s; result in {out}"
+    )
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from iceaggr.config import load_config
+    from iceaggr.probe import PROBE_LRS, format_table, run_probe, write_table
+
+    overrides = list(args.set) + [f"data.path={args.data}"]
+    cfg = load_config(args.config, overrides)
+    lrs = tuple(args.lrs) if args.lrs else PROBE_LRS
+    cells = run_probe(cfg, lrs=lrs, steps=args.steps, batch_size=args.batch_size)
+    md, js = write_table(
+        cells,
+        args.out,
+        meta={"steps": args.steps, "batch_size": args.batch_size, "data": args.data,
+              "grad_norm_warn": cfg.train.grad_norm_warn},
+    )
+    print(format_table(cells))
+    print(f"\nwritten: {md} and {js}")
+    return 0
+
+
+def _linefit(args: argparse.Namespace) -> int:
+    from iceaggr.linefit import line_fit_dataset
+
+    res = line_fit_dataset(args.data, max_events=args.max_events)
+    print(json.dumps(res, indent=2, default=float))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iceaggr", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a physics-based synthetic dataset (Kaggle layout)")
+    s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    s.add_argument("--events", type=int, required=True, help="number of events")
+    s.add_argument("--batch-size", type=int, default=200_000, help="events per batch file")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_synth)
+
+    t = sub.add_parser("train", help="train from an experiment YAML")
+    t.add_argument("config", help="experiment YAML, e.g. experiments/baseline_1m/config_fixed.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. --set train.lr=1e-3 (repeatable)")
+    t.add_argument("--resume", default=None, help="checkpoint file or folder to resume from")
+    t.set_defaults(fn=_train)
+
+    pr = sub.add_parser("probe", help="the learning-rate stability table, in one process")
+    pr.add_argument("--data", default="data/synthetic", help="Kaggle-layout dataset folder")
+    pr.add_argument("--config", default=None, help="experiment YAML (default: the baseline)")
+    pr.add_argument("--steps", type=int, default=20)
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--lrs", type=float, nargs="+", default=None,
+                    help="learning rates (default: 1e-5 3e-5 1e-4 3e-4 1e-3)")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--out", default="runs/probe", help="folder for the Markdown and JSON table")
+    pr.set_defaults(fn=_probe)
+
+    lf = sub.add_parser("linefit", help="score the line-fit baseline on a dataset")
+    lf.add_argument("--data", default="data/synthetic")
+    lf.add_argument("--max-events", type=int, default=None)
+    lf.set_defaults(fn=_linefit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    from iceaggr.config import ConfigError
+    from iceaggr.dataset import DatasetError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

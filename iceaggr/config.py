@@ -1,0 +1,280 @@
+"""Typed, validated experiment configuration, read from YAML.
+
+An experiment YAML has three sections, ``data``, ``model`` and ``train``, each
+mapping onto a dataclass; an unknown key fails with the list of valid ones, so a
+typo fails before a GPU is booked::
+
+    cfg = load_config("experiments/baseline_1m/config_fixed.yaml", ["train.lr=1e-3"])
+
+Presets are plain functions: :func:`debug_config` (tiny, for tests) and
+:func:`baseline_config` (the original experiment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from iceaggr.loader import Truncation
+from iceaggr.model import ModelConfig, baseline_model_config, debug_model_config
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "data/synthetic"
+    """Kaggle-layout folder (``sensor_geometry.csv``, ``train_meta.parquet``, ``train/``)."""
+    val_files: int = 1
+    """The last ``val_files`` batch files validate; training never sees them."""
+    max_train_events: int | None = None
+    """Cap on training events per epoch (None: all events of the training files)."""
+    max_val_events: int = 10_000
+    """Events of the validation files scored at each evaluation."""
+    max_pulses_per_event: int = 3000
+    """An event keeps its earliest pulses (bounds the memory of a 178,250-pulse event)."""
+    max_pulses_per_dom: int = 512
+    """A DOM keeps its earliest pulses (the DOM transformer's longest sequence)."""
+    max_doms_per_event: int = 2048
+    """An event keeps its brightest DOMs (the event transformer's longest sequence)."""
+    prefetch: int = 2
+    """Batches assembled ahead in a background thread."""
+
+    def __post_init__(self) -> None:
+        if self.val_files < 0:
+            raise ValueError(f"data.val_files must be >= 0, got {self.val_files}")
+        if self.max_train_events is not None and self.max_train_events < 1:
+            raise ValueError(f"data.max_train_events must be >= 1, got {self.max_train_events}")
+        if self.max_val_events < 1:
+            raise ValueError(f"data.max_val_events must be >= 1, got {self.max_val_events}")
+        self.truncation()  # validates the caps
+
+    def truncation(self) -> Truncation:
+        return Truncation(
+            max_pulses_per_event=self.max_pulses_per_event,
+            max_pulses_per_dom=self.max_pulses_per_dom,
+            max_doms_per_event=self.max_doms_per_event,
+        )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    batch_size: int = 256
+    """Events per optimizer step (per data-parallel rank)."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 1e-5
+    """AdamW decoupled weight decay, applied to matrices only."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (the pre-clip norm is recorded)."""
+    max_steps: int = 1000
+    """Optimizer steps in the run."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0, then cosine decay to ``min_lr_ratio * lr``."""
+    min_lr_ratio: float = 0.1
+    loss: Literal["angular", "vmf"] = "angular"
+    """``angular``: mean angular distance (the stability table's); ``vmf``: von Mises-Fisher NLL."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``..."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
+    log_every: int = 10
+    """Steps between metric reports (each report may sync the host with the device)."""
+    eval_every: int = 200
+    """Steps between validation passes (0: only at the end)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints, plus one at the end (0: no checkpoints)."""
+    out_dir: str = "runs/train"
+    """Checkpoints and reports go here."""
+    grad_norm_warn: float = 1e3
+    """A pre-clip gradient norm above this marks a stability-table cell ⚠️."""
+    input_audit_batches: int = 2
+    """Batches whose model inputs are audited before training."""
+    input_audit_threshold: float = 100.0
+    """A model input larger than this in magnitude was not normalized: warn loudly."""
+    mlflow_tracking_uri: str | None = None
+    """Log params and metric histories to MLflow when set (e.g. ``sqlite:///mlflow.db``)."""
+    mlflow_experiment: str = "iceaggr"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        checks = {
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip > 0,
+            "max_steps": self.max_steps >= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "log_every": self.log_every >= 1,
+            "eval_every": self.eval_every >= 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"train.{name} is out of range, got {getattr(self, name)!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def debug_config(data_path: str = "data/synthetic") -> ExperimentConfig:
+    """Tiny model and short run shared by the tests."""
+    return ExperimentConfig(
+        name="debug",
+        data=DataConfig(path=data_path, max_val_events=256, prefetch=0),
+        model=debug_model_config(),
+        train=TrainConfig(
+            batch_size=32, max_steps=20, warmup_steps=2, log_every=5, eval_every=10,
+            checkpoint_every=10, device="cpu",
+        ),
+    )
+
+
+def baseline_config(data_path: str = "data/synthetic") -> ExperimentConfig:
+    """The original baseline: d_model 128, 4+4 layers, batch 256, AdamW 3e-4, clip 1.0."""
+    return ExperimentConfig(
+        name="baseline_1m", data=DataConfig(path=data_path), model=baseline_model_config()
+    )
+
+
+# ---------------------------------------------------------------- dict / YAML conversion
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(v, args[0], where) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "3e-4" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys fail with the valid ones listed."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON-safe dict of a config dataclass (tuples become lists)."""
+    out = dataclasses.asdict(cfg)
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(out)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML (or the baseline when ``path`` is None) plus overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err})") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping with data/model/train sections")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    return from_dict(ExperimentConfig, data, str(path) if path else "config")
+
+
+def config_from_flat(flat: dict[str, Any], base: ExperimentConfig) -> ExperimentConfig:
+    """``base`` updated with ``{"train.lr": 1e-3, "model.dropout": 0.1}``-style keys, validated."""
+    data = to_dict(base)
+    for dotted, value in flat.items():
+        keys = dotted.split(".")
+        node = data
+        for k in keys[:-1]:
+            if k not in node or not isinstance(node[k], dict):
+                raise ConfigError(f"{dotted}: {k} is not a config section")
+            node = node[k]
+        node[keys[-1]] = value
+    return from_dict(ExperimentConfig, data, "config")

@@ -1,0 +1,217 @@
+"""One Tune trial: a function trainable that launches a Ray Train ``TorchTrainer``.
+
+``trial_driver`` runs as the Tune trial. It turns the sampled hyperparameters into
+a validated :class:`~iceaggr.config.ExperimentConfig` (so a bad value fails before
+a worker group is booked), finds or makes the trial's MLflow child run, and fits a
+``TorchTrainer`` whose workers run :func:`train_fn_per_worker`, i.e. the trainer
+from :mod:`iceaggr.train` with rank, world size and device from Ray Train.
+
+Workers report to Tune through ``TuneReportCallback`` every ``report_every`` steps
+(each report waits for the controller's poll), with a checkpoint so a trial (or a
+restarted worker group) resumes from it. A diverged run reports the penalty
+``val_angle = pi`` (worse than random guessing, pi/2) with ``diverged = 1``, so the
+trial ends at once, Tune shows it, Optuna records a bad value for that region
+(a NaN would leave the Optuna trial RUNNING), and the MLflow run ends FAILED with
+``diverged`` tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from iceaggr.config import ExperimentConfig, from_dict, to_dict
+from iceaggr.probe import cell_from_result
+from iceaggr.tracking import RunLogger
+from iceaggr.train import CHECKPOINT_NAME, train
+
+from iceaggr_tune import mlflow_runs
+
+log = logging.getLogger(__name__)
+
+DIVERGED_PENALTY = math.pi
+"""Metric value of a diverged trial: the worst possible angular error (random is pi/2)."""
+METRIC = "val_angle"
+MODE = "min"
+
+
+@dataclass(kw_only=True)
+class TrialSettings:
+    """What every trial of a sweep shares (passed with ``tune.with_parameters``)."""
+
+    base: dict[str, Any]
+    """The base experiment config as a dict (``iceaggr.config.to_dict``)."""
+    part: str
+    """``table`` or ``search``."""
+    tracking_uri: str
+    parent_run_id: str
+    storage_path: str
+    """Where Ray Train writes checkpoints; every node must reach it on a cluster."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    report_every: int = 5
+    """Steps between ``ray.train.report`` calls (MLflow gets every ``log_every`` step)."""
+    max_failures: int = 1
+    """Worker-group restarts (from the last checkpoint) before the trial errors."""
+
+
+def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentConfig:
+    """The trial's typed config: base config + sampled hyperparameters, validated."""
+    cfg = from_dict(ExperimentConfig, settings.base, "base config")
+    cfg.train.lr = float(hp["lr"])
+    cfg.model.dropout = float(hp.get("dropout", cfg.model.dropout))
+    cfg.model.normalize = bool(hp.get("normalize", cfg.model.normalize))
+    # Round trip through the validating constructor with the new values.
+    return from_dict(ExperimentConfig, to_dict(cfg), "trial config")
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: the iceaggr trainer with Ray's rank, device and checkpoints."""
+    cfg = from_dict(ExperimentConfig, config["experiment"], "trial config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    report_every = int(config["report_every"])
+    work = Path(tempfile.mkdtemp(prefix=f"iceaggr-rank{rank}-"))
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        resume = Path(ckpt.to_directory(str(work / "restored"))) / CHECKPOINT_NAME
+        log.info("rank %d resumes from %s", rank, ckpt.path)
+
+    def report(metrics: dict[str, float], step: int, ckpt_dir: Path | None) -> None:
+        final = step >= cfg.train.max_steps
+        if not (step % report_every == 0 or ckpt_dir is not None or final or metrics.get("diverged")):
+            return
+        checkpoint = None
+        if ckpt_dir is not None and rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+
+    try:
+        result = train(
+            cfg,
+            rank=rank,
+            world_size=world,
+            device=device,
+            report=report,
+            resume_from=resume,
+            checkpoint_dir=work / "ckpt",
+            mlflow_run_id=config.get("mlflow_run_id"),
+            track_fixed_batch=bool(config.get("track_fixed_batch")),
+            progress=False,
+        )
+        summary: dict[str, float] = {
+            "step": float(result.steps),
+            "train_seconds": result.train_seconds,
+            "max_grad_norm": result.max_grad_norm,
+            "done": 1.0,
+        }
+        if result.diverged is not None:
+            summary |= {
+                "diverged": 1.0,
+                "diverged_at_step": float(result.diverged.step),
+                METRIC: DIVERGED_PENALTY,
+            }
+        else:
+            summary |= {"diverged": 0.0}
+            if result.val_angle is not None:
+                summary[METRIC] = result.val_angle
+        if config.get("track_fixed_batch"):
+            cell = cell_from_result(
+                cfg.train.lr, cfg.model.normalize, result, cfg.train.grad_norm_warn
+            )
+            summary |= {
+                "cell_loss_initial": _nan(cell.loss_initial),
+                "cell_loss_final": _nan(cell.loss_final),
+                "cell_loss_change": _nan(cell.loss_change),
+                "cell_max_abs_input": _nan(cell.max_abs_input),
+            }
+        ray.train.report(summary)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def run_name(trial_id: str, hp: dict[str, Any]) -> str:
+    norm = "" if "normalize" not in hp else ("-norm" if hp["normalize"] else "-raw")
+    return f"{trial_id}-lr{float(hp['lr']):.1e}-do{float(hp.get('dropout', 0.0)):.2f}{norm}"
+
+
+def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
+    """The Tune function trainable of one trial."""
+    cfg = trial_experiment(settings, hp)  # fails here, before any worker starts
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_id = mlflow_runs.find_or_create_child(
+        settings.tracking_uri,
+        settings.parent_run_id,
+        trial_id,
+        run_name(trial_id, hp),
+        tags={
+            mlflow_runs.TAG_SWEEP_PART: settings.part,
+            mlflow_runs.TAG_NODE: ray.util.get_node_ip_address(),
+        },
+    )
+    mlog = RunLogger(settings.tracking_uri, run_id=run_id)
+    mlog.log_params(
+        {
+            "lr": cfg.train.lr,
+            "dropout": cfg.model.dropout,
+            "normalize": cfg.model.normalize,
+            "seed": cfg.train.seed,
+            "num_workers": settings.num_workers,
+            "use_gpu": settings.use_gpu,
+            "gpus_per_worker": settings.gpus_per_worker,
+        }
+    )
+    cfg.train.mlflow_tracking_uri = settings.tracking_uri
+    resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
+    if settings.use_gpu:
+        resources["GPU"] = settings.gpus_per_worker
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "experiment": to_dict(cfg),
+            "mlflow_run_id": run_id,
+            "report_every": settings.report_every,
+            "track_fixed_batch": settings.part == "table",
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=settings.storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException as err:
+        mlog.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        mlog.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    diverged = bool(result.metrics and result.metrics.get("diverged"))
+    if diverged:
+        mlog.set_tags({"diverged": "true"})
+    mlog.terminate("FAILED" if diverged else "FINISHED")

@@ -1,0 +1,237 @@
+"""Tests for the hierarchical transformer (iceaggr.model) and its input normalization."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from iceaggr.batch import DomBatch
+from iceaggr.model import (
+    IceAggrModel,
+    ModelConfig,
+    SeqLayout,
+    baseline_model_config,
+    debug_model_config,
+    param_groups,
+)
+
+# DOM lengths (pulses per DOM) per event: single-pulse DOMs dominate, one long DOM, a one-DOM event.
+EVENT_DOM_LENGTHS: list[list[int]] = [
+    [1, 1, 3, 1, 2, 1, 1],
+    [1],
+    [130, 1, 1, 5, 1, 2, 1, 1, 1, 9],
+    [2, 1, 1, 17],
+    [1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 1, 1, 33, 1],
+]
+
+
+def make_batch(event_dom_lengths: list[list[int]], seed: int = 0) -> DomBatch:
+    """A random DomBatch with raw-scale features (time ns, charge p.e., xyz m)."""
+    g = torch.Generator().manual_seed(seed)
+    dom_lengths = torch.tensor([n for ev in event_dom_lengths for n in ev])
+    n_doms, n_pulses = dom_lengths.numel(), int(dom_lengths.sum())
+    time = 1e4 + 6e4 * torch.rand(n_pulses, generator=g)  # ns
+    charge = 10 ** (torch.log10(torch.tensor(0.025)) + 5.08 * torch.rand(n_pulses, generator=g))
+    aux = (torch.rand(n_pulses, generator=g) < 0.3).float()
+    zero = torch.zeros(1, dtype=torch.long)
+    return DomBatch(
+        pulses=torch.stack([time, charge, aux], dim=-1),  # (P, 3)
+        cu_pulses=torch.cat([zero, dom_lengths.cumsum(0)]),
+        dom_xyz=(torch.rand(n_doms, 3, generator=g) * 2 - 1) * 500.0,  # m
+        sensor_id=torch.randint(0, 5160, (n_doms,), generator=g),
+        cu_doms=torch.cat([zero, torch.tensor([len(ev) for ev in event_dom_lengths]).cumsum(0)]),
+        event_id=torch.arange(len(event_dom_lengths)),
+        direction=torch.nn.functional.normalize(torch.randn(len(event_dom_lengths), 3), dim=-1),
+    )
+
+
+def reorder(batch: DomBatch, dom_order: torch.Tensor, pulse_perms: list[torch.Tensor]) -> DomBatch:
+    """Put DOMs in ``dom_order`` (new -> old DOM) and permute pulses of old DOM d by perm[d]."""
+    cu = batch.cu_pulses
+    pulse_idx = torch.cat([cu[d] + pulse_perms[d] for d in dom_order.tolist()])
+    lengths = batch.dom_lengths()[dom_order]
+    return dataclasses.replace(
+        batch,
+        pulses=batch.pulses[pulse_idx],
+        cu_pulses=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        dom_xyz=batch.dom_xyz[dom_order],
+        sensor_id=batch.sensor_id[dom_order],
+    )
+
+
+def select_event(batch: DomBatch, e: int) -> DomBatch:
+    """The one-event batch holding event ``e`` of ``batch``."""
+    d0, d1 = int(batch.cu_doms[e]), int(batch.cu_doms[e + 1])
+    p0, p1 = int(batch.cu_pulses[d0]), int(batch.cu_pulses[d1])
+    return DomBatch(
+        pulses=batch.pulses[p0:p1],
+        cu_pulses=batch.cu_pulses[d0 : d1 + 1] - p0,
+        dom_xyz=batch.dom_xyz[d0:d1],
+        sensor_id=batch.sensor_id[d0:d1],
+        cu_doms=torch.tensor([0, d1 - d0]),
+        event_id=batch.event_id[e : e + 1],
+    )
+
+
+def make_model(seed: int = 0, **overrides: object) -> IceAggrModel:
+    torch.manual_seed(seed)
+    return IceAggrModel(debug_model_config(**overrides)).eval()
+
+
+def test_every_parameter_gets_a_finite_gradient() -> None:
+    model = make_model().train()
+    batch = make_batch(EVENT_DOM_LENGTHS)
+    out = model(batch)
+    loss = (1 - (out.direction * batch.direction).sum(-1)).mean() + out.kappa.mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_output_is_unit_direction_and_positive_kappa() -> None:
+    for normalize in (True, False):
+        out = make_model(normalize=normalize)(make_batch(EVENT_DOM_LENGTHS))
+        assert out.direction.shape == (len(EVENT_DOM_LENGTHS), 3)
+        assert out.kappa.shape == (len(EVENT_DOM_LENGTHS),)
+        torch.testing.assert_close(out.direction.norm(dim=-1), torch.ones(5))
+        assert (out.kappa > 0).all()
+
+
+def test_prediction_is_invariant_to_pulse_and_dom_order() -> None:
+    model = make_model()
+    batch = make_batch(EVENT_DOM_LENGTHS)
+    g = torch.Generator().manual_seed(1)
+    dom_order = torch.cat(
+        [
+            int(batch.cu_doms[e]) + torch.randperm(len(ev), generator=g)
+            for e, ev in enumerate(EVENT_DOM_LENGTHS)
+        ]
+    )
+    perms = [torch.randperm(int(n), generator=g) for n in batch.dom_lengths()]
+    shuffled = reorder(batch, dom_order, perms)
+    assert not torch.equal(shuffled.pulses, batch.pulses)
+    with torch.no_grad():
+        a, b = model(batch), model(shuffled)
+    torch.testing.assert_close(a.direction, b.direction, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.kappa, b.kappa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_packed_equals_padded(normalize: bool) -> None:
+    packed = make_model(normalize=normalize)
+    padded = IceAggrModel(dataclasses.replace(packed.cfg, attention="padded")).eval()
+    padded.load_state_dict(packed.state_dict())
+    batch = make_batch(EVENT_DOM_LENGTHS)
+    with torch.no_grad():
+        a, b = packed(batch), padded(batch)
+    torch.testing.assert_close(a.direction, b.direction, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.kappa, b.kappa, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_layout_pads_within_buckets_only() -> None:
+    lengths = torch.tensor([1] * 50 + [2, 3, 4, 7, 300])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    packed = SeqLayout(cu, padded=False)
+    slots = sum(mask.numel() for _, _, mask in packed.buckets)
+    assert slots < 2 * int(lengths.sum())  # the 50 single-pulse DOMs take no attention slots
+    assert max(mask.shape[1] for _, _, mask in packed.buckets) == 300
+    padded = SeqLayout(cu, padded=True)
+    assert padded.buckets[0][2].shape == (lengths.numel(), 300)
+
+
+def test_event_alone_equals_event_in_batch() -> None:
+    model = make_model()
+    batch = make_batch(EVENT_DOM_LENGTHS)
+    with torch.no_grad():
+        full = model(batch)
+        for e in range(batch.num_events):
+            alone = model(select_event(batch, e))
+            torch.testing.assert_close(alone.direction[0], full.direction[e], atol=1e-5, rtol=0)
+            torch.testing.assert_close(alone.kappa[0], full.kappa[e], atol=1e-5, rtol=1e-5)
+
+
+def test_normalize_switch_changes_network_inputs() -> None:
+    batch = make_batch(EVENT_DOM_LENGTHS)
+    raw = make_model(normalize=False).input_features(batch)
+    norm = make_model(normalize=True).input_features(batch)
+    assert raw.keys() == norm.keys()
+    for name in ("pulse_time", "pulse_charge", "pulse_auxiliary", "dom_x", "dom_y", "dom_z"):
+        assert name in norm
+    assert {k for k in norm if k.startswith("dom_")} >= {"dom_first_time", "dom_total_charge"}
+    assert max(float(x.abs().max()) for x in raw.values()) > 100
+    for name, x in norm.items():
+        assert float(x.abs().max()) < 10, name
+    # Raw features are the batch's own numbers; normalized ones follow the documented formulas.
+    torch.testing.assert_close(raw["pulse_time"], batch.pulses[:, 0])
+    torch.testing.assert_close(norm["pulse_time"], (batch.pulses[:, 0] - 1e4) / 3e4)
+    torch.testing.assert_close(norm["pulse_charge"], torch.log10(batch.pulses[:, 1]) / 3)
+    torch.testing.assert_close(norm["dom_z"], batch.dom_xyz[:, 2] / 500)
+    cu = batch.cu_pulses.tolist()
+    first = torch.stack([batch.pulses[a:b, 0].min() for a, b in itertools.pairwise(cu)])
+    torch.testing.assert_close(raw["dom_first_time"], first)
+
+
+def test_dropout_changes_train_output_and_eval_is_deterministic() -> None:
+    model = make_model(dropout=0.3)
+    batch = make_batch(EVENT_DOM_LENGTHS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).direction, model(batch).direction, atol=0, rtol=0)
+        model.train()
+        a, b = model(batch).direction, model(batch).direction
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"d_model": 18, "dom_heads": 4}, "d_model must be divisible by dom_heads"),
+        ({"d_model": 16, "event_heads": 3}, "d_model must be divisible by event_heads"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"dom_layers": -1}, "dom_layers must be >= 0, got -1"),
+        ({"d_model": 0}, "d_model must be >= 1, got 0"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
+        ({"attention": "flash"}, "attention must be 'packed' or 'padded', got 'flash'"),
+        ({"normalize": "yes"}, "normalize must be true or false"),
+    ],
+)
+def test_config_validation(overrides: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**overrides)  # type: ignore[arg-type]
+
+
+def test_empty_dom_is_rejected() -> None:
+    batch = make_batch([[1, 2]])
+    batch.cu_pulses = torch.tensor([0, 0, 3])
+    with pytest.raises(ValueError, match="every DOM needs >= 1 pulse"):
+        make_model()(batch)
+
+
+def test_untrained_model_does_not_collapse() -> None:
+    model = make_model()
+    rng = torch.Generator().manual_seed(3)
+    events = [torch.randint(1, 4, (int(n),), generator=rng).tolist() for n in range(3, 43)]
+    with torch.no_grad():
+        out = model(make_batch(events, seed=3))
+    assert out.direction[:, 2].std() > 0.02
+    assert out.direction.std(dim=0).sum() > 0.05
+
+
+def test_param_groups_split_decay() -> None:
+    model = make_model()
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
+    n = len(decay["params"]) + len(no_decay["params"])
+    assert n == len(list(model.parameters()))
+
+
+def test_baseline_config_matches_defaults() -> None:
+    cfg = baseline_model_config()
+    assert (cfg.d_model, cfg.dom_layers, cfg.event_layers, cfg.attention) == (128, 4, 4, "packed")
+    assert debug_model_config().d_model == 16
