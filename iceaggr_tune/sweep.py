@@ -176,7 +176,9 @@ def init_ray(opts: SweepOptions) -> None:
         ray.init(address=address)
         return
     # One extra logical CPU for the trial drivers: they only wait on their TorchTrainer.
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False)
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner needs its State API to free
+    # the worker placement group of a trial that Tune stopped early (ASHA).
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1)
 
 
 def next_sweep_name(storage: Path) -> str:
@@ -299,7 +301,7 @@ def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, storage: 
     for r in results:
         m = r.metrics or {}
         lr, normalize = float(r.config["lr"]), bool(r.config["normalize"])
-        if r.error is not None or not m.get("done"):
+        if r.error is not None or not m.get("completed"):
             continue
         loss_i = _finite_or_none(m.get("cell_loss_initial"))
         loss_f = _finite_or_none(m.get("cell_loss_final"))
@@ -416,7 +418,7 @@ def run_search(
             METRIC: float(r.metrics[METRIC]),
             "steps": int(r.metrics.get("step", 0)),
             "trial_id": r.metrics.get("trial_id"),
-            "stopped_early": not r.metrics.get("done"),
+            "stopped_early": not r.metrics.get("completed"),
         }
     return best, results, searcher
 
@@ -444,7 +446,7 @@ def trial_overhead(results: Any) -> dict[str, float]:
     walls, trains = [], []
     for r in results:
         m = r.metrics or {}
-        if m.get("done") and "time_total_s" in m and "train_seconds" in m:
+        if m.get("completed") and "time_total_s" in m and "train_seconds" in m:
             walls.append(float(m["time_total_s"]))
             trains.append(float(m["train_seconds"]))
     if not walls:

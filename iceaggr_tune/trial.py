@@ -118,7 +118,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "step": float(result.steps),
             "train_seconds": result.train_seconds,
             "max_grad_norm": result.max_grad_norm,
-            "done": 1.0,
+            "completed": 1.0,
         }
         if result.diverged is not None:
             summary |= {
