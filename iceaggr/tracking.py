@@ -29,6 +29,8 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
+# The metric every training report carries; its last step marks how far a run was logged.
+RESUME_MARKER_METRIC = "loss"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -78,6 +80,12 @@ class RunLogger:
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
             run_id = run.info.run_id
         self.run_id = run_id
+        # A run written before (a resumed or restarted trial) already holds the curve up to
+        # some step; steps up to it are not logged again, so the history has no duplicates.
+        self._logged_upto = max(
+            (m.step for m in self.client.get_metric_history(run_id, RESUME_MARKER_METRIC)),
+            default=-1,
+        )
         self._pending: list[tuple[str, float, int, int]] = []
         self._warned = False
         self._spool = Path(spool_dir) / f"mlflow-spool-{run_id}.jsonl" if spool_dir else None
@@ -104,6 +112,8 @@ class RunLogger:
     # ---------------------------------------------------------------- metrics
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue ``metrics`` at ``step`` (non-finite values are kept: MLflow stores NaN)."""
+        if step <= self._logged_upto:
+            return
         ts = int(time.time() * 1000)
         new = [(k, float(v), ts, int(step)) for k, v in metrics.items()]
         self._pending.extend(new)

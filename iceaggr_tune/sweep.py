@@ -36,6 +36,12 @@ from iceaggr.tracking import RunLogger
 log = logging.getLogger(__name__)
 
 SWEEP_STATE = "sweep.json"
+OPTUNA_STUDY = "search"
+
+
+def optuna_storage_url(sweep_dir: Path) -> str:
+    """Where a sweep's Optuna study lives: ``optuna.load_study(study_name="search", storage=...)``."""
+    return f"sqlite:///{sweep_dir / 'optuna.db'}"
 
 
 @dataclass(kw_only=True)
@@ -289,7 +295,11 @@ def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, storage: 
                 "lr": tune.grid_search(list(opts.table_lrs)),
                 "normalize": tune.grid_search([False, True]),
             },
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(opts)),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent_trials(opts),
+                trial_name_creator=table_trial_name,
+                trial_dirname_creator=table_trial_name,
+            ),
             run_config=tune.RunConfig(
                 name="table", storage_path=str(storage), verbose=1,
                 progress_reporter=_reporter(["lr", "normalize"]),
@@ -366,9 +376,13 @@ def run_search(
             if c.status == "explodes":
                 evaluated.append({"lr": c.lr, "dropout": opts.dropout_min})
                 rewards.append(DIVERGED_PENALTY)
+    # The study lives in sqlite next to the sweep, so it can be inspected (optuna-dashboard,
+    # optuna.load_study) and survives a restored Tuner.
     searcher = OptunaSearch(
         metric=METRIC,
         mode=MODE,
+        study_name=OPTUNA_STUDY,
+        storage=optuna.storages.RDBStorage(optuna_storage_url(storage)),
         sampler=optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=max(2, len(points))),
         points_to_evaluate=(evaluated + points) or None,
         evaluated_rewards=rewards or None,
@@ -396,6 +410,8 @@ def run_search(
                 scheduler=scheduler,
                 num_samples=opts.trials,
                 max_concurrent_trials=max_concurrent_trials(opts),
+                trial_name_creator=search_trial_name,
+                trial_dirname_creator=search_trial_name,
             ),
             run_config=tune.RunConfig(
                 name="search", storage_path=str(storage), verbose=1,
@@ -421,6 +437,14 @@ def run_search(
             "stopped_early": not r.metrics.get("completed"),
         }
     return best, results, searcher
+
+
+def table_trial_name(trial: Any) -> str:
+    return f"table_{trial.trial_id}"
+
+
+def search_trial_name(trial: Any) -> str:
+    return f"search_{trial.trial_id}"
 
 
 def _reporter(params: list[str]):

@@ -211,7 +211,7 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
         mlog.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
         mlog.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    diverged = bool(result.metrics and result.metrics.get("diverged"))
-    if diverged:
-        mlog.set_tags({"diverged": "true"})
+    del result  # Train V2 keeps only checkpointed metrics there; the run's tags say it all
+    # Rank 0 tagged the run when its divergence guard fired.
+    diverged = mlog.client.get_run(run_id).data.tags.get("diverged") == "true"
     mlog.terminate("FAILED" if diverged else "FINISHED")

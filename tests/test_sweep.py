@@ -1,0 +1,186 @@
+"""The sweep on a real local Ray, a real Optuna study and a real MLflow sqlite store.
+
+One Ray instance serves the module (3 logical CPUs: two one-worker trials at once plus
+their drivers). Ray keeps its token authentication on, with the token written into a
+scratch HOME instead of the user's ``~/.ray``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from iceaggr.synth import write_synthetic_dataset
+from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
+from iceaggr_tune.sweep import OPTUNA_STUDY, SweepOptions, optuna_storage_url, run_sweep
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE_LRS = (1e-4, 1e3)  # 1e3 is absurd: it diverges within a few steps
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    home = tmp_path_factory.mktemp("home")
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)  # Ray writes its auth token under $HOME/.ray
+    ray.init(num_cpus=3, include_dashboard=True)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if old_home is not None:
+        os.environ["HOME"] = old_home
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic_dataset(path, n_events=1_500, batch_size=500, seed=3, progress=False)
+    return path
+
+
+def _options(tmp: Path, data: Path, **kw) -> SweepOptions:
+    return SweepOptions.smoke(
+        data=str(data),
+        storage_path=str(tmp / "sweeps"),
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        table_lrs=TABLE_LRS,
+        **kw,
+    )
+
+
+def test_sweep_records_table_search_and_divergence(ray_cluster, sweep_data, tmp_path):
+    opts = _options(tmp_path, sweep_data, name="records", trials=2)
+    result = run_sweep(opts)
+    assert not result.interrupted
+
+    client = MlflowClient(tracking_uri=opts.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"stability_table.md", "stability_table.json", "best_config.json"} <= artifacts
+
+    runs = child_runs(opts.tracking_uri, result.parent_run_id)
+    assert len(runs) == 2 * len(TABLE_LRS) + opts.trials
+    assert all(r.data.tags["mlflow.parentRunId"] == result.parent_run_id for r in runs)
+    assert len({r.data.tags[TAG_TRIAL_ID] for r in runs}) == len(runs)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for r in runs:
+        for key in ("lr", "dropout", "normalize", "seed", "num_workers", "model.d_model"):
+            assert key in r.data.params, f"{r.info.run_name} lacks param {key}"
+        assert r.data.tags[TAG_TRIAL_ID] in r.info.run_name
+
+    table_runs = [r for r in runs if r.data.tags["sweep_part"] == "table"]
+    diverged = [r for r in table_runs if r.data.tags.get("diverged") == "true"]
+    healthy = [r for r in table_runs if r not in diverged]
+    # Both cells at lr 1e3 (raw and normalized) diverge; both at 1e-4 train all steps.
+    assert sorted(float(r.data.params["lr"]) for r in diverged) == [1e3, 1e3]
+    for r in diverged:
+        assert r.info.status == "FAILED"
+        step = int(r.data.tags["diverged_at_step"])
+        assert 1 <= step < opts.table_steps
+        assert "non-finite" in r.data.tags["divergence_reason"]
+        history = client.get_metric_history(r.info.run_id, "loss")
+        assert 1 <= len(history) <= step  # the curve up to the divergence, nothing after
+    for r in healthy:
+        assert r.info.status == "FINISHED"
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == opts.table_steps
+        assert len(client.get_metric_history(r.info.run_id, "grad_norm")) == opts.table_steps
+
+    # The table: computed cells, the exploded ones marked.
+    cells = {(c.lr, c.normalize): c for c in result.table or []}
+    assert len(cells) == 4
+    assert cells[(1e3, True)].status == "explodes"
+    assert cells[(1e-4, True)].status != "explodes"
+    table_json = json.loads((Path(opts.storage_path) / "records" / "stability_table.json").read_text())
+    assert len(table_json["cells"]) == 4
+
+    # Optuna: every trial finished (COMPLETE or PRUNED), none left RUNNING; the exploded
+    # normalized lr 1e3 of the table is outside the search range, so nothing was told.
+    study = optuna.load_study(
+        study_name=OPTUNA_STUDY, storage=optuna_storage_url(Path(opts.storage_path) / "records")
+    )
+    states = [t.state for t in study.trials]
+    assert len(states) == opts.trials
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert result.best is not None and 0 < result.best["val_angle"] < 3.2
+
+
+def test_diverging_search_is_penalized_not_left_running(ray_cluster, sweep_data, tmp_path):
+    # Every sampled lr is absurd: each trial must end diverged, penalized in Optuna.
+    opts = _options(tmp_path, sweep_data, name="diverging", table=False, trials=2,
+                    lr_min=1e2, lr_max=1e4)
+    result = run_sweep(opts)
+    study = optuna.load_study(
+        study_name=OPTUNA_STUDY, storage=optuna_storage_url(Path(opts.storage_path) / "diverging")
+    )
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(t.value == pytest.approx(3.14159265, abs=1e-6) for t in study.trials)
+    runs = child_runs(opts.tracking_uri, result.parent_run_id)
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    assert result.best is None
+
+
+def test_interrupted_sweep_resumes_without_duplicates(ray_cluster, sweep_data, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [
+        sys.executable, str(REPO / "tune" / "lr_sweep.py"), "--smoke-test", "--table-only",
+        "--name", "resumable", "--data", str(sweep_data), "--storage-path",
+        str(tmp_path / "sweeps"), "--tracking-uri", uri, "--address", ray_cluster,
+        "--max-concurrent", "1",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(tracking_uri=uri)
+    deadline = time.time() + 300
+    finished_before: dict[str, int] = {}
+    try:
+        # Interrupt once the first trial has finished and a second one is under way.
+        while time.time() < deadline:
+            time.sleep(2)
+            exps = client.search_experiments()
+            runs = client.search_runs([e.experiment_id for e in exps], max_results=100)
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            done = [r for r in children if r.info.status in ("FINISHED", "FAILED")]
+            if done and len(children) > len(done):
+                finished_before = {r.data.tags[TAG_TRIAL_ID]: r.info.end_time for r in done}
+                break
+            assert proc.poll() is None, proc.stdout.read()
+        else:
+            pytest.fail("the sweep did not get going in time")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out  # interrupted, not finished
+    state = json.loads((tmp_path / "sweeps" / "resumable" / "sweep.json").read_text())
+    parent = state["parent_run_id"]
+    assert client.get_run(parent).info.status == "KILLED"
+    runs = child_runs(uri, parent)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "| 1e-3 |" in resumed.stdout and "| 1e-4 |" in resumed.stdout
+    runs = child_runs(uri, parent)
+    ids = [r.data.tags[TAG_TRIAL_ID] for r in runs]
+    assert len(ids) == len(set(ids)) == 2 * len((1e-4, 1e-3))  # smoke table: 2 lrs x 2
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in runs)
+    by_id = {r.data.tags[TAG_TRIAL_ID]: r for r in runs}
+    for trial_id, end_time in finished_before.items():
+        assert by_id[trial_id].info.end_time == end_time, "a finished trial ran again"
+    assert client.get_run(parent).info.status == "FINISHED"
