@@ -265,9 +265,11 @@ def _run_tuner(
     return tuner.fit()
 
 
-def _unfinished(results: Any) -> int:
+def _unfinished(results: Any, expected: int) -> int:
+    """Trials an interrupted Tuner left to do (never started, or not in a final state)."""
     trials = results._experiment_analysis.trials  # statuses are only on the Trial objects
-    return sum(1 for t in trials if t.status not in ("TERMINATED", "ERROR"))
+    open_ = sum(1 for t in trials if t.status not in ("TERMINATED", "ERROR"))
+    return open_ + max(0, expected - len(trials))
 
 
 def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, storage: Path):
@@ -537,7 +539,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             import copy
 
             cells, table_results = run_table(opts, copy.deepcopy(base), parent, sweep_dir)
-            result.interrupted |= _unfinished(table_results) > 0
+            result.interrupted |= _unfinished(table_results, 2 * len(opts.table_lrs)) > 0
             result.table = cells
             result.overhead["table"] = trial_overhead(table_results)  # type: ignore[assignment]
             md, js = write_table(
@@ -553,7 +555,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             best, search_results, _ = run_search(
                 opts, copy.deepcopy(base), parent, sweep_dir, result.table
             )
-            result.interrupted |= _unfinished(search_results) > 0
+            result.interrupted |= _unfinished(search_results, opts.trials) > 0
             result.best = best
             result.overhead["search"] = trial_overhead(search_results)  # type: ignore[assignment]
             if best is not None:

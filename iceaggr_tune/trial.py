@@ -96,6 +96,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         final = step >= cfg.train.max_steps
         if not (step % report_every == 0 or ckpt_dir is not None or final or metrics.get("diverged")):
             return
+        if metrics.get("diverged"):
+            metrics = {**metrics, METRIC: DIVERGED_PENALTY}  # ASHA and Optuna read a number
         checkpoint = None
         if ckpt_dir is not None and rank == 0:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
