@@ -40,6 +40,8 @@ KAPPA_FLOOR = 1e-3
 """Added to softplus so kappa stays > 0 (the vMF NLL has -log kappa)."""
 HEAD_INIT_STD = 1e-2
 """Output-layer init: small so early predictions are not saturated, nonzero so direction exists."""
+PULSE_BIAS_INIT_STD = 0.02
+"""Init std of the pulse-embedding bias (not zero: see IceAggrModel.__init__)."""
 
 
 @dataclass(kw_only=True)
@@ -272,6 +274,12 @@ class IceAggrModel(nn.Module):
         )  # 3 direction components + 1 kappa logit
         self.apply(self._init_weights)
         nn.init.normal_(self.head[-1].weight, std=HEAD_INIT_STD)
+        # A pulse whose normalized features are all exactly 0 (t = 1e4 ns, q = 1 p.e., not
+        # auxiliary: it happens in real data) would embed to an all-zero token with a zero
+        # bias, stay exactly zero through every block, and hit each LayerNorm at zero
+        # variance, where its gradient is 1/sqrt(eps) ~ 316 per norm (~5e9 pre-clip seen).
+        # A non-zero learned bias gives every pulse token a spread over channels.
+        nn.init.normal_(self.pulse_embed.bias, std=PULSE_BIAS_INIT_STD)
         logger.debug("IceAggrModel: %d parameters, %s", self.num_parameters(), cfg)
 
     @staticmethod
