@@ -33,6 +33,14 @@ MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
 RESUME_MARKER_METRIC = "loss"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` made absolute (Ray workers run in other folders)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"d_model": 128}}`` -> ``{"model.d_model": 128}``."""
     out: dict[str, Any] = {}

@@ -22,6 +22,8 @@ TAG_TRIAL_ID = "trial_id"
 TAG_SWEEP_PART = "sweep_part"  # "table" or "search"
 TAG_SWEEP_NAME = "sweep_name"
 TAG_NODE = "node_ip"
+TAG_DRIVER_NODE = "driver_node_id"
+TAG_WORKER_NODE = "worker_node_id"  # the Ray node of the rank-0 training worker
 
 
 def client_for(uri: str) -> MlflowClient:

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from iceaggr.config import ExperimentConfig, baseline_config, debug_config, load_config, to_dict
-from iceaggr.probe import PROBE_LRS, Cell, classify, format_table, write_table
-from iceaggr.tracking import RunLogger
+from iceaggr.probe import PROBE_LRS, Cell, classify, write_table
+from iceaggr.tracking import RunLogger, absolute_tracking_uri
+from iceaggr_tune.cluster import REMOTE_STORAGE_SCHEMES, check_cluster_storage
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ OPTUNA_STUDY = "search"
 
 
 def optuna_storage_url(sweep_dir: Path) -> str:
-    """Where a sweep's Optuna study lives: ``optuna.load_study(study_name="search", storage=...)``."""
+    """The sweep's Optuna study: ``optuna.load_study(study_name="search", storage=<this>)``."""
     return f"sqlite:///{sweep_dir / 'optuna.db'}"
 
 
@@ -61,6 +62,8 @@ class SweepOptions:
     experiment: str = "iceaggr-lr-sweep"
     storage_path: str = "runs/sweeps"
     """Tune/Train results and checkpoints; an s3:// or shared path on multi-node clusters."""
+    local_dir: str = "runs/sweeps"
+    """The driver's own records (sweep.json, tables, Optuna study) when storage is remote."""
     address: str | None = None
     """Ray cluster to join (``auto``, ``ray://...``); None starts a local Ray."""
     table: bool = True
@@ -85,6 +88,8 @@ class SweepOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     """0: CPU training; 0.25 puts four one-worker trials on each GPU."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each training worker needs, e.g. ``{"trainer": 1}``."""
     max_concurrent: int | None = None
     """Trials at once; default: what the cluster's CPUs/GPUs allow."""
     max_failures: int = 1
@@ -100,7 +105,8 @@ class SweepOptions:
             raise ValueError(f"need 0 < lr_min < lr_max, got {self.lr_min}, {self.lr_max}")
         if not 0 <= self.dropout_min <= self.dropout_max < 1:
             raise ValueError(
-                f"need 0 <= dropout_min <= dropout_max < 1, got {self.dropout_min}, {self.dropout_max}"
+                "need 0 <= dropout_min <= dropout_max < 1, "
+                f"got {self.dropout_min}, {self.dropout_max}"
             )
         for name in ("trials", "search_steps", "table_steps", "report_every", "workers_per_trial"):
             if getattr(self, name) < 1:
@@ -210,16 +216,20 @@ def max_concurrent_trials(opts: SweepOptions) -> int:
     res = ray.cluster_resources()
     by_cpu = int((res.get("CPU", 1) - 1) // (opts.cpus_per_worker * opts.workers_per_trial))
     limit = max(1, by_cpu)
+    per_trial = {
+        name: amount * opts.workers_per_trial for name, amount in opts.worker_resources.items()
+    }
     if opts.gpus_per_worker > 0:
-        by_gpu = int(res.get("GPU", 0) // (opts.gpus_per_worker * opts.workers_per_trial))
-        limit = min(limit, max(1, by_gpu))
+        per_trial["GPU"] = opts.gpus_per_worker * opts.workers_per_trial
+    for name, amount in per_trial.items():
+        limit = min(limit, max(1, int(res.get(name, 0) // amount)))
     return limit
 
 
 # ---------------------------------------------------------------- the two parts
 
 
-def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str, storage: Path):
+def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str, tune_root: str):
     from iceaggr_tune.trial import TrialSettings
 
     return TrialSettings(
@@ -227,13 +237,14 @@ def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str
         part=part,
         tracking_uri=opts.tracking_uri,
         parent_run_id=parent,
-        storage_path=str(storage / "train"),
+        storage_path=f"{tune_root}/train",
         num_workers=opts.workers_per_trial,
         use_gpu=opts.gpus_per_worker > 0,
         cpus_per_worker=opts.cpus_per_worker,
         gpus_per_worker=opts.gpus_per_worker,
         report_every=opts.report_every,
         max_failures=opts.max_failures,
+        worker_resources=dict(opts.worker_resources),
     )
 
 
@@ -242,23 +253,21 @@ def _trainable(settings: Any):
 
     from iceaggr_tune.trial import trial_driver
 
-    return tune.with_resources(
-        tune.with_parameters(trial_driver, settings=settings), {"CPU": 0.01}
-    )
+    return tune.with_resources(tune.with_parameters(trial_driver, settings=settings), {"CPU": 0.01})
 
 
 def _run_tuner(
-    exp_dir: Path,
+    exp_dir: str,
     trainable: Any,
     make_tuner: Any,
     resume: bool,
 ):
     from ray import tune
 
-    if resume and tune.Tuner.can_restore(str(exp_dir)):
+    if resume and tune.Tuner.can_restore(exp_dir):
         log.info("resuming %s", exp_dir)
         tuner = tune.Tuner.restore(
-            str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     else:
         tuner = make_tuner()
@@ -272,7 +281,7 @@ def _unfinished(results: Any, expected: int) -> int:
     return open_ + max(0, expected - len(trials))
 
 
-def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, storage: Path):
+def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root: str):
     from ray import tune
 
     cfg = base
@@ -286,9 +295,9 @@ def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, storage: 
     cfg.train.checkpoint_every = 0
     cfg.model.dropout = 0.0
     cfg.data.max_val_events = opts.table_batch_size
-    settings = _settings(opts, cfg, "table", parent, storage)
+    settings = _settings(opts, cfg, "table", parent, tune_root)
     trainable = _trainable(settings)
-    exp_dir = storage / "table"
+    exp_dir = f"{tune_root}/table"
 
     def make():
         return tune.Tuner(
@@ -303,7 +312,9 @@ def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, storage: 
                 trial_dirname_creator=table_trial_name,
             ),
             run_config=tune.RunConfig(
-                name="table", storage_path=str(storage), verbose=1,
+                name="table",
+                storage_path=tune_root,
+                verbose=1,
                 progress_reporter=_reporter(["lr", "normalize"]),
             ),
         )
@@ -344,7 +355,8 @@ def run_search(
     opts: SweepOptions,
     base: ExperimentConfig,
     parent: str,
-    storage: Path,
+    tune_root: str,
+    sweep_dir: Path,
     table: list[Cell] | None,
 ):
     import optuna
@@ -363,7 +375,7 @@ def run_search(
     cfg.train.eval_every = opts.report_every
     cfg.train.checkpoint_every = opts.report_every
     cfg.data.max_val_events = opts.val_events
-    settings = _settings(opts, cfg, "search", parent, storage)
+    settings = _settings(opts, cfg, "search", parent, tune_root)
     trainable = _trainable(settings)
 
     # Warm start: the table's normalized learning rates, best first; exploded ones are
@@ -384,7 +396,7 @@ def run_search(
         metric=METRIC,
         mode=MODE,
         study_name=OPTUNA_STUDY,
-        storage=optuna.storages.RDBStorage(optuna_storage_url(storage)),
+        storage=optuna.storages.RDBStorage(optuna_storage_url(sweep_dir)),
         sampler=optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=max(2, len(points))),
         points_to_evaluate=(evaluated + points) or None,
         evaluated_rewards=rewards or None,
@@ -398,7 +410,7 @@ def run_search(
         grace_period=min(opts.grace_reports, n_reports),
         reduction_factor=2,
     )
-    exp_dir = storage / "search"
+    exp_dir = f"{tune_root}/search"
 
     def make():
         return tune.Tuner(
@@ -416,7 +428,9 @@ def run_search(
                 trial_dirname_creator=search_trial_name,
             ),
             run_config=tune.RunConfig(
-                name="search", storage_path=str(storage), verbose=1,
+                name="search",
+                storage_path=tune_root,
+                verbose=1,
                 progress_reporter=_reporter(["lr", "dropout"]),
             ),
         )
@@ -424,8 +438,11 @@ def run_search(
     results = _run_tuner(exp_dir, trainable, make, opts.resume)
     best = None
     candidates = [
-        r for r in results
-        if r.error is None and r.metrics and not r.metrics.get("diverged")
+        r
+        for r in results
+        if r.error is None
+        and r.metrics
+        and not r.metrics.get("diverged")
         and _finite_or_none(r.metrics.get(METRIC)) is not None
     ]
     if candidates:
@@ -477,7 +494,7 @@ def trial_overhead(results: Any) -> dict[str, float]:
             trains.append(float(m["train_seconds"]))
     if not walls:
         return {}
-    over = [w - t for w, t in zip(walls, trains)]
+    over = [w - t for w, t in zip(walls, trains, strict=True)]
     return {
         "trials": float(len(walls)),
         "mean_trial_wall_s": sum(walls) / len(walls),
@@ -493,9 +510,9 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     from iceaggr_tune import mlflow_runs
 
     t0 = time.time()
-    storage = Path(opts.storage_path).resolve() if "://" not in opts.storage_path else None
-    if storage is None:
-        raise ValueError("remote storage paths are handled by the cluster entry point")
+    opts.tracking_uri = absolute_tracking_uri(opts.tracking_uri)
+    remote = opts.storage_path.startswith(REMOTE_STORAGE_SCHEMES)
+    storage = Path(opts.local_dir if remote else opts.storage_path).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     if opts.resume:
         name = opts.name or latest_sweep_name(storage)
@@ -512,10 +529,12 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
                 f"or choose another --name."
             )
     sweep_dir = storage / name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tune_root = f"{opts.storage_path.rstrip('/')}/{name}" if remote else str(sweep_dir)
     ensure_data(opts)
     base = base_experiment(opts)
     init_ray(opts)
+    check_cluster_storage(opts.tracking_uri, opts.storage_path)  # before any trial starts
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     if opts.resume:
         state = json.loads((sweep_dir / SWEEP_STATE).read_text())
         parent = state["parent_run_id"]
@@ -525,9 +544,14 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         parent = mlflow_runs.find_or_create_parent(opts.tracking_uri, opts.experiment, name)
         (sweep_dir / SWEEP_STATE).write_text(
             json.dumps(
-                {"parent_run_id": parent, "tracking_uri": opts.tracking_uri,
-                 "experiment": opts.experiment, "options": asdict(opts)},
-                indent=2, default=str,
+                {
+                    "parent_run_id": parent,
+                    "tracking_uri": opts.tracking_uri,
+                    "experiment": opts.experiment,
+                    "options": asdict(opts),
+                },
+                indent=2,
+                default=str,
             )
         )
     plog = RunLogger(opts.tracking_uri, run_id=parent)
@@ -538,14 +562,19 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         if opts.table:
             import copy
 
-            cells, table_results = run_table(opts, copy.deepcopy(base), parent, sweep_dir)
+            cells, table_results = run_table(opts, copy.deepcopy(base), parent, tune_root)
             result.interrupted |= _unfinished(table_results, 2 * len(opts.table_lrs)) > 0
             result.table = cells
             result.overhead["table"] = trial_overhead(table_results)  # type: ignore[assignment]
             md, js = write_table(
-                cells, sweep_dir,
-                meta={"steps": opts.table_steps, "batch_size": opts.table_batch_size,
-                      "data": opts.data, "sweep": name},
+                cells,
+                sweep_dir,
+                meta={
+                    "steps": opts.table_steps,
+                    "batch_size": opts.table_batch_size,
+                    "data": opts.data,
+                    "sweep": name,
+                },
             )
             plog.log_artifact(md)
             plog.log_artifact(js)
@@ -553,7 +582,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             import copy
 
             best, search_results, _ = run_search(
-                opts, copy.deepcopy(base), parent, sweep_dir, result.table
+                opts, copy.deepcopy(base), parent, tune_root, sweep_dir, result.table
             )
             result.interrupted |= _unfinished(search_results, opts.trials) > 0
             result.best = best
@@ -563,7 +592,9 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
                 path.write_text(json.dumps(best, indent=2))
                 plog.log_artifact(path)
                 plog.log_metrics({"best_val_angle": best["val_angle"]}, step=0)
-                plog.set_tags({"best_lr": f"{best['lr']:.3g}", "best_dropout": f"{best['dropout']:.3f}"})
+                plog.set_tags(
+                    {"best_lr": f"{best['lr']:.3g}", "best_dropout": f"{best['dropout']:.3f}"}
+                )
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -35,7 +35,6 @@ from iceaggr.config import ExperimentConfig, from_dict, to_dict
 from iceaggr.probe import cell_from_result
 from iceaggr.tracking import RunLogger
 from iceaggr.train import CHECKPOINT_NAME, train
-
 from iceaggr_tune import mlflow_runs
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,8 @@ class TrialSettings:
     """Steps between ``ray.train.report`` calls (MLflow gets every ``log_every`` step)."""
     max_failures: int = 1
     """Worker-group restarts (from the last checkpoint) before the trial errors."""
+    worker_resources: dict[str, float] | None = None
+    """Extra (custom) resources per worker, e.g. ``{"trainer": 1}`` to pin a node type."""
 
 
 def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentConfig:
@@ -94,7 +95,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], step: int, ckpt_dir: Path | None) -> None:
         final = step >= cfg.train.max_steps
-        if not (step % report_every == 0 or ckpt_dir is not None or final or metrics.get("diverged")):
+        if not (
+            step % report_every == 0 or ckpt_dir is not None or final or metrics.get("diverged")
+        ):
             return
         if metrics.get("diverged"):
             metrics = {**metrics, METRIC: DIVERGED_PENALTY}  # ASHA and Optuna read a number
@@ -103,6 +106,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
 
+    if rank == 0 and config.get("mlflow_run_id") and cfg.train.mlflow_tracking_uri:
+        # Which node trained this trial (drivers and workers may sit on different nodes).
+        RunLogger(cfg.train.mlflow_tracking_uri, run_id=config["mlflow_run_id"]).set_tags(
+            {mlflow_runs.TAG_WORKER_NODE: ray.get_runtime_context().get_node_id()}
+        )
     try:
         result = train(
             cfg,
@@ -169,6 +177,7 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
         tags={
             mlflow_runs.TAG_SWEEP_PART: settings.part,
             mlflow_runs.TAG_NODE: ray.util.get_node_ip_address(),
+            mlflow_runs.TAG_DRIVER_NODE: ray.get_runtime_context().get_node_id(),
         },
     )
     mlog = RunLogger(settings.tracking_uri, run_id=run_id)
@@ -185,6 +194,7 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
     )
     cfg.train.mlflow_tracking_uri = settings.tracking_uri
     resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
+    resources.update(settings.worker_resources or {})
     if settings.use_gpu:
         resources["GPU"] = settings.gpus_per_worker
     trainer = TorchTrainer(

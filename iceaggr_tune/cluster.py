@@ -1,0 +1,85 @@
+"""Checks that a sweep on a multi-node Ray cluster writes where every node can reach.
+
+On one machine, ``sqlite:///mlflow.db`` and ``runs/sweeps`` are fine. On a cluster, a trial
+on a worker node would write its MLflow run into that node's own sqlite file and its
+checkpoints onto its own disk, where the driver and the next attempt of the trial never see
+them. :func:`check_cluster_storage` fails early, before any trial starts, naming the option
+to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REMOTE_TRACKING_SCHEMES = ("http://", "https://", "databricks")
+REMOTE_STORAGE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://")
+
+
+class ClusterConfigError(ValueError):
+    """A sweep option that cannot work on the connected multi-node cluster."""
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _sees_marker(path: str) -> bool:
+    return Path(path).is_file()
+
+
+def nodes_missing_path(marker: Path, nodes: list[dict[str, Any]]) -> list[str]:
+    """IPs of the nodes on which ``marker`` is not visible (one tiny task per node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(_sees_marker)
+    refs = {
+        n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(str(marker))
+        for n in nodes
+    }
+    return [node for node, ref in refs.items() if not ray.get(ref, timeout=120)]
+
+
+def check_cluster_storage(tracking_uri: str, storage_path: str) -> int:
+    """Raise :class:`ClusterConfigError` if a multi-node sweep would write node-locally.
+
+    Returns the number of alive nodes. A single-node Ray needs nothing shared.
+    """
+    nodes = alive_nodes()
+    if len(nodes) <= 1:
+        return len(nodes)
+    if not tracking_uri.startswith(REMOTE_TRACKING_SCHEMES):
+        raise ClusterConfigError(
+            f"--tracking-uri {tracking_uri!r} is a store on this machine, but the cluster has "
+            f"{len(nodes)} nodes: trials on other nodes would write to their own copy. Point it "
+            f"at the MLflow server on the head, e.g. --tracking-uri http://<head-ip>:5000 "
+            f"(cluster.yaml starts one on port 5000)."
+        )
+    if storage_path.startswith(REMOTE_STORAGE_SCHEMES):
+        return len(nodes)
+    root = Path(storage_path).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".visible-{uuid.uuid4().hex}"
+    marker.write_text("written by the sweep driver to check shared storage\n")
+    try:
+        missing = nodes_missing_path(marker, nodes)
+    finally:
+        marker.unlink(missing_ok=True)
+    if missing:
+        raise ClusterConfigError(
+            f"--storage-path {str(root)!r} is not visible from node(s) {missing} of this "
+            f"{len(nodes)}-node cluster, so their checkpoints and results would be lost. Use "
+            f"shared storage: an s3:// (or gs://) URI, or a shared filesystem mounted at the "
+            f"same path on every node."
+        )
+    log.info("storage %s is visible from all %d nodes", root, len(nodes))
+    return len(nodes)

@@ -1,0 +1,219 @@
+"""cluster.yaml checked offline, and a sweep on a real multi-node Ray with a real MLflow server.
+
+The multi-node cluster is ``ray.cluster_utils.Cluster`` on this machine: a head node (trial
+drivers only) and two worker nodes that carry a custom ``trainer`` resource, so every training
+worker must run on a worker node. The MLflow server is a real ``mlflow server`` process on
+127.0.0.1; the test reads back which Ray node trained each trial.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+
+
+def _cluster_config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = _cluster_config()
+    validate_config(cfg)
+    prepared = prepare_config(cfg)
+    validate_config(prepared)
+    assert prepared["head_node_type"] == "ray.head.default"
+    workers = [v for k, v in prepared["available_node_types"].items() if k != "ray.head.default"]
+    assert workers and all(w["resources"].get("GPU", 0) >= 1 for w in workers)
+    assert all(w.get("min_workers", 0) == 0 for w in workers), "GPU workers scale from 0"
+
+
+def test_cluster_yaml_opens_only_ssh_to_the_internet():
+    rules = _cluster_config()["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in rules] == [(22, 22, "tcp")]
+
+
+def _mlflow_command() -> str:
+    cmds = _cluster_config()["head_start_ray_commands"]
+    found = [c for c in cmds if "mlflow server" in c]
+    assert len(found) == 1, cmds
+    return found[0]
+
+
+def test_mlflow_port_matches_readme_and_sweep_docs():
+    port = re.search(r"--port[ =](\d+)", _mlflow_command()).group(1)
+    readme = (REPO / "README.md").read_text()
+    assert f"--port-forward {port}" in readme
+    assert f"http://127.0.0.1:{port}" in readme
+    # The error message that points users at the head's server names the same port.
+    from iceaggr_tune import cluster
+
+    assert f":{port}" in Path(cluster.__file__).read_text()
+    # The dashboard stays on localhost; only SSH tunnels reach it.
+    start = " ".join(_cluster_config()["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start
+
+
+def test_cluster_installs_this_version_with_pinned_dependencies():
+    cfg = _cluster_config()
+    assert cfg["file_mounts"] == {"~/iceaggr-tune": "."}
+    setup = " ".join(cfg["setup_commands"])
+    assert "-c ~/iceaggr-tune/cluster/constraints.txt" in setup
+    assert "-e ~/iceaggr-tune" in setup
+    pins = {}
+    for line in (REPO / "cluster" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    pyproject = (REPO / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert pins["iceaggr-tune"] == version
+    import mlflow
+    import optuna
+    import ray
+
+    assert pins["ray"] == ray.__version__
+    assert pins["optuna"] == optuna.__version__
+    assert pins["mlflow"] == mlflow.__version__
+    image = cfg["docker"]["image"]
+    assert f"ray:{ray.__version__}" in image and "gpu" in image
+
+
+# ---------------------------------------------------------------- a real multi-node sweep
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [
+            str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
+        ],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+        assert proc.poll() is None, (root / "server.log").read_text()
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up: " + (root / "server.log").read_text())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    home = tmp_path_factory.mktemp("home")
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)  # Ray's auth token goes to a scratch $HOME/.ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [
+        cluster.add_node(num_cpus=2, resources={"trainer": 1}) for _ in range(2)
+    ]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster, [w.node_id for w in workers]
+    ray.shutdown()
+    cluster.shutdown()
+    if old_home is not None:
+        os.environ["HOME"] = old_home
+
+
+@pytest.fixture(scope="module")
+def cluster_data(tmp_path_factory) -> Path:
+    from iceaggr.synth import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic_dataset(path, n_events=1_500, batch_size=500, seed=5, progress=False)
+    return path
+
+
+@pytest.mark.slow
+def test_multinode_rejects_node_local_tracking(multinode, cluster_data, tmp_path):
+    from iceaggr_tune.cluster import ClusterConfigError, check_cluster_storage
+
+    with pytest.raises(ClusterConfigError, match=r"--tracking-uri .*3 nodes.*http://<head-ip>"):
+        check_cluster_storage(f"sqlite:///{tmp_path / 'x.db'}", str(tmp_path / "sweeps"))
+
+
+@pytest.mark.slow
+def test_storage_probe_runs_on_every_node(multinode, tmp_path):
+    from iceaggr_tune.cluster import alive_nodes, nodes_missing_path
+
+    nodes = alive_nodes()
+    assert len(nodes) == 3
+    marker = tmp_path / "marker"
+    assert len(nodes_missing_path(marker, nodes)) == 3  # absent: every node says so
+    marker.write_text("x")
+    assert nodes_missing_path(marker, nodes) == []  # one filesystem here: all see it
+
+
+@pytest.mark.slow
+def test_multinode_sweep_logs_every_node_to_the_server(
+    multinode, mlflow_server, cluster_data, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    from iceaggr_tune.mlflow_runs import TAG_WORKER_NODE, child_runs
+    from iceaggr_tune.sweep import SweepOptions, run_sweep
+
+    cluster, worker_node_ids = multinode
+    opts = SweepOptions.smoke(
+        name="multinode",
+        data=str(cluster_data),
+        storage_path=str(tmp_path / "shared-sweeps"),
+        tracking_uri=mlflow_server,
+        worker_resources={"trainer": 1},
+        table_lrs=(1e-4, 1e-3),
+        trials=2,
+    )
+    result = run_sweep(opts)
+    assert not result.interrupted
+    runs = child_runs(mlflow_server, result.parent_run_id)
+    assert len(runs) == 4 + 2
+    client = MlflowClient(tracking_uri=mlflow_server)
+    trained_on = {}
+    for r in runs:
+        assert r.info.status in ("FINISHED", "FAILED")
+        assert client.get_metric_history(r.info.run_id, "loss"), r.info.run_name
+        trained_on[r.info.run_name] = r.data.tags[TAG_WORKER_NODE]
+    print("\ntrial -> node that trained it:")
+    for name, node in sorted(trained_on.items()):
+        print(f"  {name}: {node[:12]} (worker {worker_node_ids.index(node) + 1})")
+    assert set(trained_on.values()) == set(worker_node_ids), "both worker nodes trained trials"
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert "stability_table.md" in artifacts  # uploaded through the server
