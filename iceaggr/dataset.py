@@ -123,7 +123,9 @@ class KaggleDataset:
         self.geometry = read_geometry(self.root / GEOMETRY_FILE)
         self.meta_path = self.root / f"{split}_meta.parquet"
         if not self.meta_path.is_file():
-            raise DatasetError(f"{self.meta_path}: missing file; a dataset needs {split}_meta.parquet.")
+            raise DatasetError(
+                f"{self.meta_path}: missing file; a dataset needs {split}_meta.parquet."
+            )
         meta_schema = pq.read_schema(self.meta_path)
         expected = dict(META_SCHEMA)
         self.has_angles = "azimuth" in meta_schema.names or "zenith" in meta_schema.names
@@ -226,7 +228,12 @@ class KaggleDataset:
         # more specific problem.
         for col in ("time", "charge"):
             if col in schema.names and pa.types.is_floating(schema.field(col).type):
-                values = pf.read(columns=[col]).column(col).to_numpy()
+                try:
+                    values = pf.read(columns=[col]).column(col).to_numpy()
+                except (pa.ArrowInvalid, OSError) as err:
+                    raise DatasetError(
+                        f"{path}: failed to read column '{col}' ({err}); the file may be corrupt."
+                    ) from err
                 bad = ~np.isfinite(values)
                 if np.any(bad):
                     i = _first_bad(bad)
@@ -238,7 +245,9 @@ class KaggleDataset:
         try:
             table = pf.read(columns=list(PULSE_SCHEMA))
         except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(f"{path}: failed to read ({err}); the file may be truncated.") from err
+            raise DatasetError(
+                f"{path}: failed to read ({err}); the file may be truncated."
+            ) from err
         cols = {c: table.column(c).to_numpy() for c in PULSE_SCHEMA}
         n_rows = table.num_rows
         event_id = meta["event_id"]
@@ -263,6 +272,18 @@ class KaggleDataset:
                 f"{expected_rows[i]} there (batch_id {batch_id}). Event ids do not match the "
                 f"metadata; regenerate the metadata or the batch file."
             )
+        # The loader's truncation keeps an event's first rows as its earliest pulses.
+        time = cols["time"]
+        same_event = np.ones(max(n_rows - 1, 0), dtype=bool)
+        same_event[last[:-1]] = False  # row last[e] -> last[e] + 1 crosses into event e + 1
+        bad = (time[1:] < time[:-1]) & same_event
+        if np.any(bad):
+            i = _first_bad(bad) + 1
+            raise DatasetError(
+                f"{path}: column 'time' decreases at row {i} (event {ev[i]}: {time[i - 1]} then "
+                f"{time[i]} ns); rows of an event must be time-ordered. Sort each event's rows "
+                f"by time and rewrite the file."
+            )
         sensor = cols["sensor_id"]
         bad = (sensor < 0) | (sensor >= self.num_sensors)
         if np.any(bad):
@@ -283,7 +304,7 @@ class KaggleDataset:
             batch_id=batch_id,
             path=path,
             sensor_id=sensor,
-            time=cols["time"],
+            time=time,
             charge=charge,
             auxiliary=cols["auxiliary"],
             event_id=event_id,

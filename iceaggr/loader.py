@@ -310,20 +310,24 @@ def _prefetch(gen: Iterator[DomBatch], depth: int) -> Iterator[DomBatch]:
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        # Never block for good: the consumer may have stopped with the queue full.
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker() -> None:
         try:
             for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as err:  # forwarded to the consumer
-            q.put(err)
+            put(err)
 
     thread = threading.Thread(target=worker, name="iceaggr-loader", daemon=True)
     thread.start()
