@@ -1,9 +1,9 @@
 """The ``iceaggr`` command: synthetic data, training, the stability probe, the line fit.
 
-    iceaggr synth --out data/synthetic --events 50000
-    iceaggr train experiments/baseline_1m/config_fixed.yaml --set train.max_steps=200
-    iceaggr probe --data data/synthetic
-    iceaggr linefit --data data/synthetic
+iceaggr synth --out data/synthetic --events 50000
+iceaggr train experiments/baseline_1m/config_fixed.yaml --set train.max_steps=200
+iceaggr probe --data data/synthetic
+iceaggr linefit --data data/synthetic
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ def _probe(args: argparse.Namespace) -> int:
     md, js = write_table(
         cells,
         args.out,
-        meta={"steps": args.steps, "batch_size": args.batch_size, "data": args.data,
-              "grad_norm_warn": cfg.train.grad_norm_warn},
+        meta={
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "data": args.data,
+            "grad_norm_warn": cfg.train.grad_norm_warn,
+        },
     )
     print(format_table(cells))
     print(f"\nwritten: {md} and {js}")
@@ -89,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train from an experiment YAML")
     t.add_argument("config", help="experiment YAML, e.g. experiments/baseline_1m/config_fixed.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override, e.g. --set train.lr=1e-3 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. --set train.lr=1e-3 (repeatable)",
+    )
     t.add_argument("--resume", default=None, help="checkpoint file or folder to resume from")
     t.set_defaults(fn=_train)
 
@@ -99,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", default=None, help="experiment YAML (default: the baseline)")
     pr.add_argument("--steps", type=int, default=20)
     pr.add_argument("--batch-size", type=int, default=256)
-    pr.add_argument("--lrs", type=float, nargs="+", default=None,
-                    help="learning rates (default: 1e-5 3e-5 1e-4 3e-4 1e-3)")
+    pr.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="learning rates (default: 1e-5 3e-5 1e-4 3e-4 1e-3)",
+    )
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pr.add_argument("--out", default="runs/probe", help="folder for the Markdown and JSON table")
     pr.set_defaults(fn=_probe)

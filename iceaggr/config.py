@@ -142,8 +142,13 @@ def debug_config(data_path: str = "data/synthetic") -> ExperimentConfig:
         data=DataConfig(path=data_path, max_val_events=256, prefetch=0),
         model=debug_model_config(),
         train=TrainConfig(
-            batch_size=32, max_steps=20, warmup_steps=2, log_every=5, eval_every=10,
-            checkpoint_every=10, device="cpu",
+            batch_size=32,
+            max_steps=20,
+            warmup_steps=2,
+            log_every=5,
+            eval_every=10,
+            checkpoint_every=10,
+            device="cpu",
         ),
     )
 

@@ -98,9 +98,11 @@ def cell_from_result(
         max_grad_norm=result.max_grad_norm,
         grad_norm_warn=grad_norm_warn,
     )
-    inputs = result.diverged.max_abs_input if result.diverged else {
-        k: v["absmax"] for k, v in result.input_audit.items()
-    }
+    inputs = (
+        result.diverged.max_abs_input
+        if result.diverged
+        else {k: v["absmax"] for k, v in result.input_audit.items()}
+    )
     return Cell(
         lr=lr,
         normalize=normalize,
@@ -171,11 +173,15 @@ def format_table(cells: list[Cell]) -> str:
         raw = by_key.get((lr, False))
         norm = by_key.get((lr, True))
         lines.append(
-            f"| {lr:.0e} | {raw.text if raw else '—'} | {norm.text if norm else '—'} |".replace(
-                "e-0", "e-"
-            )
+            f"| {lr_label(lr)} | {raw.text if raw else '—'} | {norm.text if norm else '—'} |"
         )
     return "\n".join(lines)
+
+
+def lr_label(lr: float) -> str:
+    """``1e-5``, ``3e-4``, ``1.5e-4``: the table's row label, exact for any learning rate."""
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def table_json(cells: list[Cell], meta: dict[str, Any] | None = None) -> dict[str, Any]:

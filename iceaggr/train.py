@@ -63,7 +63,8 @@ class DivergenceReport:
     reason: str
     """``non-finite loss``, ``non-finite prediction`` or ``non-finite gradient``."""
     first_bad_parameter: str | None
-    """First parameter (in ``named_parameters`` order) whose gradient was non-finite."""
+    """First parameter (in ``named_parameters`` order) whose gradient was non-finite (if the
+    per-parameter norms were finite and only their total overflowed: the largest one)."""
     max_grad_norm: float
     """Largest finite pre-clip global gradient norm seen before divergence."""
     max_abs_input: dict[str, float]
@@ -168,7 +169,9 @@ def audit_inputs(
     return out
 
 
-def _cycle_epochs(loader: EventLoader, epoch: int, start_batch: int) -> Iterator[tuple[int, int, DomBatch]]:
+def _cycle_epochs(
+    loader: EventLoader, epoch: int, start_batch: int
+) -> Iterator[tuple[int, int, DomBatch]]:
     """Yields (epoch, batch index in epoch, batch) forever, starting at a resume point."""
     for e in itertools.count(epoch):
         first = start_batch if e == epoch else 0
@@ -222,7 +225,9 @@ def train(
     """Train ``cfg``; returns a :class:`TrainResult` (diverged runs return, never raise)."""
     tc = cfg.train
     dev = torch.device(device) if device is not None else resolve_device(tc.device)
-    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = (
+        world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    )
     _seed_everything(tc.seed)
     dataset = KaggleDataset(cfg.data.path)
     train_ids, val_ids = split_batch_ids(dataset.batch_ids, cfg.data.val_files)
@@ -308,7 +313,9 @@ def train(
     stream = _cycle_epochs(loader, epoch, batch_in_epoch)
     # Input audit on the first batches (they are trained on afterwards, not consumed).
     peek = [next(stream) for _ in range(min(tc.input_audit_batches, len(loader)))]
-    result.input_audit = audit_inputs(core, [b.to(dev) for _, _, b in peek], tc.input_audit_threshold)
+    result.input_audit = audit_inputs(
+        core, [b.to(dev) for _, _, b in peek], tc.input_audit_threshold
+    )
     if mlog is not None:
         mlog.log_params(
             {f"input_audit.{k}.absmax": f"{v['absmax']:.4g}" for k, v in result.input_audit.items()}
@@ -353,7 +360,9 @@ def train(
         with torch.no_grad():
             for name, t in core.input_features(batch).items():
                 m = t.detach().abs().amax().float()
-                input_absmax[name] = torch.maximum(input_absmax[name], m) if name in input_absmax else m
+                input_absmax[name] = (
+                    torch.maximum(input_absmax[name], m) if name in input_absmax else m
+                )
         with autocast():
             out = model(batch)
         loss = compute_loss(tc.loss, out.direction.float(), out.kappa.float(), batch.direction)
@@ -371,14 +380,19 @@ def train(
         first_bad_step = torch.where(newly, torch.full_like(first_bad_step, step), first_bad_step)
         kind = torch.where(bad_loss, 1, torch.where(bad_pred, 2, 3))
         first_bad_kind = torch.where(newly, kind, first_bad_kind)
-        bad_idx = torch.argmax((~torch.isfinite(per_param)).to(torch.int8))
+        # First parameter with a non-finite gradient norm; when every per-parameter norm is
+        # finite but their total overflowed, the one with the largest norm (argmax: first max).
+        bad_idx = torch.argmax(torch.nan_to_num(per_param, nan=math.inf, posinf=math.inf))
         first_bad_param = torch.where(newly & bad_grad, bad_idx, first_bad_param)
         # Clip with the norm computed above; a non-finite norm leaves the step to the guard.
         clip = torch.clamp(tc.grad_clip / (total_norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, clip)
         max_norm_dev = torch.where(
-            torch.isfinite(total_norm), torch.maximum(max_norm_dev, total_norm.float()), max_norm_dev
+            torch.isfinite(total_norm),
+            torch.maximum(max_norm_dev, total_norm.float()),
+            max_norm_dev,
         )
+        step_lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (host float)
         optimizer.step()
         scheduler.step()
         acc_loss += loss.detach().double()
@@ -393,9 +407,11 @@ def train(
         if step % sync_every == 0 or is_report or step == start_step + 1:
             if int(first_bad_step) >= 0:
                 bad_step = int(first_bad_step)
-                kind_name = {1: "non-finite loss", 2: "non-finite prediction", 3: "non-finite gradient"}[
-                    int(first_bad_kind)
-                ]
+                kind_name = {
+                    1: "non-finite loss",
+                    2: "non-finite prediction",
+                    3: "non-finite gradient",
+                }[int(first_bad_kind)]
                 pidx = int(first_bad_param)
                 result.diverged = DivergenceReport(
                     step=bad_step,
@@ -407,7 +423,11 @@ def train(
                 )
                 result.steps = bad_step
                 log.warning("training %s", result.diverged.summary())
-                metrics = {"loss": float(loss), "grad_norm": float(total_norm), "diverged": 1.0}
+                metrics = {
+                    "loss": float(loss.detach()),
+                    "grad_norm": float(total_norm),
+                    "diverged": 1.0,
+                }
                 result.history.append({"step": float(step), **metrics})
                 if mlog is not None:
                     mlog.log_metrics(metrics, step)
@@ -431,7 +451,7 @@ def train(
                 "loss": float(acc_loss) / acc_n,
                 "grad_norm": float(acc_norm) / acc_n,
                 "max_grad_norm": float(max_norm_dev),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": step_lr,
                 "events_per_s": events_since * world_size / max(1e-9, now - t_since),
                 "epoch": float(epoch),
                 "diverged": 0.0,
@@ -470,7 +490,9 @@ def train(
                             "epoch": epoch,
                             "batch_in_epoch": batch_in_epoch + 1,
                             "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                            "cuda_rng": torch.cuda.get_rng_state(dev)
+                            if dev.type == "cuda"
+                            else None,
                             "max_grad_norm": float(max_norm_dev),
                             "first_loss": result.first_loss,
                             "fixed_batch_loss_initial": result.fixed_batch_loss_initial,

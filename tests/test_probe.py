@@ -1,0 +1,364 @@
+"""Tests for the stability probe (iceaggr.probe) and the ``iceaggr`` command line.
+
+The table layout is pinned to DESIGN.md section 6; the probe and the CLI run for real on a small
+synthetic dataset with the debug model (3 steps per cell).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iceaggr.cli import main
+from iceaggr.config import ExperimentConfig, debug_config, to_dict
+from iceaggr.probe import (
+    PROBE_LRS,
+    Cell,
+    classify,
+    format_table,
+    lr_label,
+    probe_config,
+    run_probe,
+    write_table,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE_TEST_LRS = (1e-4, 1e-3)
+PROBE_TEST_STEPS = 3
+PROBE_TEST_BATCH = 32
+
+# DESIGN.md section 1 / 6, verbatim.
+DESIGN_TABLE = """\
+| Learning Rate | Before Normalization | After Normalization |
+|---------------|---------------------|---------------------|
+| 1e-5 | ❌ Loss +0.023 | ✅ Loss -0.058 |
+| 3e-5 | ✅ Loss -0.040 | ✅ Loss -0.067 |
+| 1e-4 | ✅ Loss -0.024 | ✅ Loss -0.067 |
+| 3e-4 | ⚠️ Loss -0.049 | ✅ Loss -0.093 |
+| 1e-3 | ❌ EXPLODES | ✅ Loss -0.097 |"""
+
+
+# ---------------------------------------------------------------- classify
+
+
+def test_classify_explodes() -> None:
+    kw = dict(max_grad_norm=5.0, grad_norm_warn=1e3)
+    assert classify(diverged=True, loss_initial=1.6, loss_final=1.5, **kw) == ("explodes", None)
+    assert classify(diverged=False, loss_initial=None, loss_final=1.5, **kw) == ("explodes", None)
+    assert classify(diverged=False, loss_initial=1.6, loss_final=None, **kw) == ("explodes", None)
+
+
+def test_classify_no_decrease() -> None:
+    status, change = classify(
+        diverged=False, loss_initial=1.5, loss_final=1.523, max_grad_norm=5.0, grad_norm_warn=1e3
+    )
+    assert status == "no_decrease"
+    assert change == pytest.approx(0.023)
+    # Exactly unchanged is not a decrease, whatever the gradients did.
+    assert classify(
+        diverged=False, loss_initial=1.5, loss_final=1.5, max_grad_norm=1e9, grad_norm_warn=1e3
+    ) == ("no_decrease", 0.0)
+
+
+def test_classify_warn_and_ok_split_on_the_gradient_threshold() -> None:
+    def run(max_grad_norm: float) -> tuple[str, float | None]:
+        return classify(
+            diverged=False,
+            loss_initial=1.549,
+            loss_final=1.5,
+            max_grad_norm=max_grad_norm,
+            grad_norm_warn=1e3,
+        )
+
+    status, change = run(4e8)
+    assert status == "warn"
+    assert change == pytest.approx(-0.049)
+    assert run(1000.0001)[0] == "warn"
+    assert run(1000.0)[0] == "ok"  # the threshold itself is still tame
+    status, change = run(0.5)
+    assert status == "ok"
+    assert change == pytest.approx(-0.049)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def design_cells() -> list[Cell]:
+    """The cells of the DESIGN.md table, in scrambled order."""
+    rows = [
+        (1e-5, False, "no_decrease", 0.023),
+        (1e-5, True, "ok", -0.058),
+        (3e-5, False, "ok", -0.040),
+        (3e-5, True, "ok", -0.067),
+        (1e-4, False, "ok", -0.024),
+        (1e-4, True, "ok", -0.067),
+        (3e-4, False, "warn", -0.049),
+        (3e-4, True, "ok", -0.093),
+        (1e-3, False, "explodes", None),
+        (1e-3, True, "ok", -0.097),
+    ]
+    cells = [
+        Cell(
+            lr=lr,
+            normalize=n,
+            status=s,
+            loss_change=c,
+            loss_initial=None,
+            loss_final=None,
+            max_grad_norm=1.0,
+        )
+        for lr, n, s, c in rows
+    ]
+    return cells[::-1]
+
+
+def test_format_table_matches_design_layout() -> None:
+    assert format_table(design_cells()) == DESIGN_TABLE
+
+
+def test_cell_texts() -> None:
+    by_key = {(c.lr, c.normalize): c for c in design_cells()}
+    assert by_key[(1e-5, True)].text == "✅ Loss -0.058"
+    assert by_key[(1e-5, False)].text == "❌ Loss +0.023"
+    assert by_key[(3e-4, False)].text == "⚠️ Loss -0.049"
+    assert by_key[(1e-3, False)].text == "❌ EXPLODES"
+
+
+def test_format_table_marks_missing_cells_and_labels_any_lr() -> None:
+    cells = [
+        Cell(
+            lr=1.5e-4,
+            normalize=True,
+            status="ok",
+            loss_change=-0.1,
+            loss_initial=1.6,
+            loss_final=1.5,
+            max_grad_norm=1.0,
+        ),
+        Cell(
+            lr=1e-4,
+            normalize=False,
+            status="ok",
+            loss_change=-0.2,
+            loss_initial=1.6,
+            loss_final=1.4,
+            max_grad_norm=1.0,
+        ),
+    ]
+    lines = format_table(cells).splitlines()
+    assert lines[2:] == ["| 1e-4 | ✅ Loss -0.200 | — |", "| 1.5e-4 | — | ✅ Loss -0.100 |"]
+
+
+def test_lr_label() -> None:
+    assert [lr_label(lr) for lr in PROBE_LRS] == ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3"]
+    assert lr_label(1.2e-4) == "1.2e-4"  # not rounded onto the 1e-4 row
+    assert lr_label(0.01) == "1e-2"
+
+
+def test_probe_config_is_the_original_protocol() -> None:
+    base = debug_config("d")
+    cfg = probe_config(base, 3e-4, False, steps=20, batch_size=256)
+    t = cfg.train
+    assert cfg.model.normalize is False
+    assert (t.lr, t.max_steps, t.batch_size) == (3e-4, 20, 256)
+    assert (t.warmup_steps, t.min_lr_ratio) == (0, 1.0)  # constant learning rate
+    assert t.loss == "angular"
+    assert t.grad_clip == base.train.grad_clip
+    assert (t.checkpoint_every, t.eval_every, t.mlflow_tracking_uri) == (0, 0, None)
+    assert cfg.data.max_val_events == 256
+    assert cfg.name == "probe-lr3e-04-raw"
+    assert base == debug_config("d")  # the base is not modified
+
+
+# ---------------------------------------------------------------- the probe, for real
+
+
+def probe_base(data: Path) -> ExperimentConfig:
+    return debug_config(str(data))
+
+
+@pytest.fixture(scope="module")
+def probe_cells(small_dataset: Path) -> list[Cell]:
+    return run_probe(
+        probe_base(small_dataset),
+        lrs=PROBE_TEST_LRS,
+        steps=PROBE_TEST_STEPS,
+        batch_size=PROBE_TEST_BATCH,
+        progress=False,
+    )
+
+
+def test_run_probe_computes_every_cell(probe_cells: list[Cell]) -> None:
+    assert [(c.lr, c.normalize) for c in probe_cells] == [
+        (lr, n) for lr in PROBE_TEST_LRS for n in (False, True)
+    ]
+    warn = probe_base(Path(".")).train.grad_norm_warn
+    for c in probe_cells:
+        assert c.max_grad_norm > 0 and math.isfinite(c.max_grad_norm)
+        expected = classify(
+            diverged=c.diverged_at_step is not None,
+            loss_initial=c.loss_initial,
+            loss_final=c.loss_final,
+            max_grad_norm=c.max_grad_norm,
+            grad_norm_warn=warn,
+        )
+        assert (c.status, c.loss_change) == expected
+        if c.status != "explodes":
+            assert c.loss_initial is not None and c.loss_final is not None
+            assert 0.0 < c.loss_initial < math.pi and 0.0 < c.loss_final < math.pi
+            assert c.loss_change == pytest.approx(c.loss_final - c.loss_initial)
+            assert c.diverged_at_step is None
+        else:
+            assert c.diverged_at_step is not None and 1 <= c.diverged_at_step <= PROBE_TEST_STEPS
+        # Raw cells feed ns and metres to the network; normalized ones O(1) values.
+        assert c.max_abs_input is not None
+        assert (c.max_abs_input > 1e3) if not c.normalize else (c.max_abs_input < 10)
+    # Every cell starts from the same weights and is scored on the same fixed batch.
+    for normalize in (False, True):
+        initial = {c.loss_initial for c in probe_cells if c.normalize is normalize}
+        assert len(initial) == 1
+
+
+def test_write_table_json_and_markdown(probe_cells: list[Cell], tmp_path: Path) -> None:
+    md, js = write_table(probe_cells, tmp_path / "out", meta={"steps": PROBE_TEST_STEPS})
+    assert md.read_text() == format_table(probe_cells) + "\n"
+    data = json.loads(js.read_text())
+    assert data["meta"] == {"steps": PROBE_TEST_STEPS}
+    assert len(data["cells"]) == 4
+    for entry, cell in zip(data["cells"], probe_cells, strict=True):
+        for key in ("lr", "normalize", "status", "loss_change", "max_grad_norm", "text"):
+            assert key in entry
+        assert entry["lr"] == cell.lr and entry["normalize"] == cell.normalize
+        assert entry["status"] == cell.status
+        assert entry["loss_change"] == cell.loss_change
+        assert entry["max_grad_norm"] == pytest.approx(cell.max_grad_norm)
+        assert entry["text"] == cell.text
+    lines = md.read_text().splitlines()
+    assert lines[0] == "| Learning Rate | Before Normalization | After Normalization |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 1e-4", "| 1e-3"]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    """``main`` configures the root logger; undo it so later tests see pytest's set-up."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def write_debug_yaml(path: Path, data: Path, out: Path, **train: object) -> Path:
+    d = to_dict(debug_config(str(data)))
+    d["train"].update(out_dir=str(out), **train)
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+@pytest.mark.usefixtures("restore_root_logging")
+def test_cli_probe_prints_and_writes_the_table(
+    small_dataset: Path,
+    tmp_path: Path,
+    probe_cells: list[Cell],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = write_debug_yaml(tmp_path / "debug.yaml", Path("elsewhere"), tmp_path / "unused")
+    out = tmp_path / "probe"
+    argv = ["probe", "--data", str(small_dataset), "--steps", str(PROBE_TEST_STEPS)]
+    argv += ["--batch-size", str(PROBE_TEST_BATCH), "--lrs", *map(str, PROBE_TEST_LRS)]
+    argv += ["--config", str(config), "--out", str(out)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    table = (out / "stability_table.md").read_text().strip()
+    assert table in stdout
+    assert table.splitlines()[0] == "| Learning Rate | Before Normalization | After Normalization |"
+    assert len(table.splitlines()) == 2 + len(PROBE_TEST_LRS)
+    data = json.loads((out / "stability_table.json").read_text())
+    assert data["meta"]["steps"] == PROBE_TEST_STEPS
+    assert data["meta"]["batch_size"] == PROBE_TEST_BATCH
+    assert data["meta"]["data"] == str(small_dataset)  # --data replaces the YAML's data.path
+    # The command runs the same protocol as run_probe: same cells, same numbers.
+    assert [(c["lr"], c["normalize"], c["status"]) for c in data["cells"]] == [
+        (c.lr, c.normalize, c.status) for c in probe_cells
+    ]
+    for entry, cell in zip(data["cells"], probe_cells, strict=True):
+        assert entry["max_grad_norm"] == pytest.approx(cell.max_grad_norm, rel=1e-5)
+        if cell.loss_change is not None:
+            assert entry["loss_change"] == pytest.approx(cell.loss_change, abs=1e-6)
+
+
+@pytest.mark.usefixtures("restore_root_logging")
+def test_cli_train_with_overrides(
+    small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_debug_yaml(tmp_path / "debug.yaml", small_dataset, tmp_path / "yaml_out")
+    out = tmp_path / "run"
+    argv = ["train", str(config), "--set", "train.max_steps=3", "--set", f"train.out_dir={out}"]
+    argv += ["--set", "train.log_every=1", "--set", "train.eval_every=0"]
+    assert main(argv) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 3
+    assert result["diverged"] is None
+    assert [h["step"] for h in result["history"]] == [1, 2, 3]
+    assert not (tmp_path / "yaml_out").exists()  # the override won over the YAML
+
+
+@pytest.mark.usefixtures("restore_root_logging")
+def test_cli_train_reports_errors_and_divergence(
+    small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_debug_yaml(tmp_path / "debug.yaml", small_dataset, tmp_path / "run")
+    assert main(["train", str(config), "--set", "train.lr=-1"]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "train.lrr=1"]) == 2
+    assert "unknown key(s) ['lrr']" in capsys.readouterr().err
+
+    argv = ["train", str(config), "--set", "model.normalize=false", "--set", "train.lr=1e6"]
+    argv += ["--set", "train.warmup_steps=0", "--set", "train.log_every=1"]
+    assert main(argv) == 3
+    stdout = capsys.readouterr().out
+    assert "DIVERGED: diverged at step" in stdout
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["diverged"]["step"] == result["steps"] < debug_config().train.max_steps
+
+
+def test_train_from_config_script(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = write_debug_yaml(
+        tmp_path / "debug.yaml",
+        small_dataset,
+        out,
+        max_steps=2,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=2,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ICEAGGR_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(
+        [sys.executable, "scripts/train_from_config.py", str(config), "--set", "train.seed=3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "trained 2 steps" in proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 2
+    assert (out / "checkpoint.pt").is_file()

@@ -1,0 +1,546 @@
+"""Tests for the trainer (iceaggr.train) on a real synthetic dataset with the debug model.
+
+Covers: learning with normalized inputs, the divergence guard (an absurd learning rate and a
+raw feature that overflows float32), exact resume from a checkpoint, the input audit, the
+pre-clip gradient norm, the learning-rate schedule and MLflow records in a real sqlite store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from iceaggr.config import ExperimentConfig, debug_config
+from iceaggr.dataset import KaggleDataset, split_batch_ids
+from iceaggr.loader import EventLoader
+from iceaggr.losses import angular_distance
+from iceaggr.model import IceAggrModel
+from iceaggr.normalization import TIME_OFFSET_NS, TIME_SCALE_NS, XYZ_SCALE_M
+from iceaggr.train import CHECKPOINT_NAME, TrainResult, evaluate, lr_lambda, train
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+RANDOM_GUESS_RAD = math.pi / 2
+
+
+def make_cfg(data: Path, out: Path, *, normalize: bool = True, **train: Any) -> ExperimentConfig:
+    """The debug preset on ``data`` writing to ``out``; ``train`` overrides (validated)."""
+    cfg = debug_config(str(data))
+    cfg.model = dataclasses.replace(cfg.model, normalize=normalize)
+    cfg.data = dataclasses.replace(cfg.data, max_val_events=64)
+    cfg.train = dataclasses.replace(cfg.train, out_dir=str(out), **train)
+    return cfg
+
+
+def train_loader(cfg: ExperimentConfig) -> EventLoader:
+    """The training loader exactly as ``train`` builds it (same files, order and batches)."""
+    ds = KaggleDataset(cfg.data.path)
+    train_ids, _ = split_batch_ids(ds.batch_ids, cfg.data.val_files)
+    return EventLoader(
+        dataset=ds,
+        batch_ids=train_ids,
+        batch_size=cfg.train.batch_size,
+        truncation=cfg.data.truncation(),
+        seed=cfg.train.seed,
+        prefetch=0,
+        max_events=cfg.data.max_train_events,
+    )
+
+
+def fresh_model(cfg: ExperimentConfig) -> IceAggrModel:
+    """The model ``train`` starts from (same seed, same initialization)."""
+    torch.manual_seed(cfg.train.seed)
+    return IceAggrModel(cfg.model)
+
+
+def mean_angle(model: IceAggrModel, data: Path, batch_ids: list[int]) -> float:
+    """Mean angular error (rad) of ``model`` over every event of ``batch_ids``."""
+    loader = EventLoader(
+        dataset=KaggleDataset(data),
+        batch_ids=batch_ids,
+        batch_size=500,
+        shuffle=False,
+        drop_last=False,
+        prefetch=0,
+    )
+    total, n = evaluate(model, loader, torch.device("cpu"), nullcontext)
+    return total / n
+
+
+def load_checkpoint(out: Path) -> dict[str, Any]:
+    return torch.load(out / CHECKPOINT_NAME, weights_only=False)
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------- learning
+
+
+@pytest.fixture(scope="module")
+def normalized_run(
+    small_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ExperimentConfig, TrainResult, IceAggrModel]:
+    """60 steps of the debug model on normalized inputs, batch 32; its final model."""
+    out = tmp_path_factory.mktemp("normalized_run")
+    cfg = make_cfg(
+        small_dataset,
+        out,
+        max_steps=60,
+        lr=3e-3,
+        warmup_steps=5,
+        log_every=10,
+        eval_every=0,
+        checkpoint_every=60,
+    )
+    cfg.data = dataclasses.replace(cfg.data, max_val_events=500)  # the whole validation file
+    result = train(cfg, progress=False)
+    model = IceAggrModel(cfg.model)
+    model.load_state_dict(load_checkpoint(out)["model"])
+    return cfg, result, model
+
+
+def test_normalized_training_lowers_the_loss_on_training_events(
+    small_dataset: Path, normalized_run: tuple[ExperimentConfig, TrainResult, IceAggrModel]
+) -> None:
+    cfg, result, trained = normalized_run
+    assert result.diverged is None
+    assert result.steps == 60
+    assert [h["step"] for h in result.history] == [10, 20, 30, 40, 50, 60]
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert result.val_angle is not None and math.isfinite(result.val_angle)
+    # Same 1,000 training events before and after: no batch-to-batch sampling noise (~0.12 rad
+    # for one batch of 32), so a small margin separates learning from chance.
+    before = mean_angle(fresh_model(cfg), small_dataset, [1, 2])
+    after = mean_angle(trained, small_dataset, [1, 2])
+    assert after < before - 0.03, (before, after)
+    assert after < RANDOM_GUESS_RAD - 0.03
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect: the normalized model collapses to one constant direction (the "
+    "training files' mean; predictions vary by ~1e-4 across events), so validation stays at "
+    "~1.59 rad; drop this marker once it learns event-dependent directions",
+)
+def test_normalized_training_beats_random_guessing_on_validation(
+    normalized_run: tuple[ExperimentConfig, TrainResult, IceAggrModel],
+) -> None:
+    _, result, _ = normalized_run
+    assert result.val_angle is not None
+    # Margin: a constant or untrained predictor scores 1.55-1.59 rad on this validation file.
+    assert result.val_angle < RANDOM_GUESS_RAD - 0.05
+
+
+# ---------------------------------------------------------------- divergence guard
+
+
+def expected_parameter_names(cfg: ExperimentConfig) -> set[str]:
+    return {n for n, p in IceAggrModel(cfg.model).named_parameters() if p.requires_grad}
+
+
+def expected_input_features(cfg: ExperimentConfig) -> set[str]:
+    batch = next(train_loader(cfg).iter_epoch(0))
+    return set(IceAggrModel(cfg.model).input_features(batch))
+
+
+def check_stopped_at(result: TrainResult, out: Path, bad_step: int) -> None:
+    """The run ended at ``bad_step`` and the last checkpoint is the step before it."""
+    report = result.diverged
+    assert report is not None
+    assert report.step == bad_step
+    assert result.steps == bad_step  # training did not continue past it
+    assert [h["step"] for h in result.history] == list(range(1, bad_step + 1))
+    assert result.history[-1]["diverged"] == 1.0
+    for h in result.history[:-1]:  # every earlier step was finite
+        assert h["diverged"] == 0.0
+        assert math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"])
+    last = result.history[-1]
+    assert not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]))
+    assert report.last_finite_loss == pytest.approx(result.history[-2]["loss"])
+    assert result.last_loss == report.last_finite_loss
+    assert report.reason in ("non-finite loss", "non-finite prediction", "non-finite gradient")
+    assert f"diverged at step {bad_step}: {report.reason}" in report.summary()
+    # checkpoint_every=1: one per finite step, none for the bad step or later.
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_NAME]
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == bad_step - 1
+    assert all_finite(ckpt["model"])
+
+
+def test_absurd_learning_rate_on_raw_inputs_diverges(small_dataset: Path, tmp_path: Path) -> None:
+    # Constant lr (no warm-up, no decay), so a shorter run follows the same trajectory.
+    def cfg_for(steps: int, out: Path) -> ExperimentConfig:
+        return make_cfg(
+            small_dataset,
+            out,
+            normalize=False,
+            lr=1e6,
+            max_steps=steps,
+            warmup_steps=0,
+            min_lr_ratio=1.0,
+            log_every=1,
+            eval_every=0,
+            checkpoint_every=1,
+        )
+
+    cfg = cfg_for(20, tmp_path / "run")
+    result = train(cfg, progress=False)
+    report = result.diverged
+    assert report is not None
+    # Step 1 runs on the initial weights; the first 1e6-sized update breaks step 2.
+    assert report.step == 2
+    check_stopped_at(result, tmp_path / "run", report.step)
+    # Here the head's output (~1e19) overflows the norm inside F.normalize: the predictions
+    # become zero vectors (loss 0) and every gradient NaN. Either way the first one is named.
+    assert report.reason in ("non-finite gradient", "non-finite loss")
+    assert report.first_bad_parameter in expected_parameter_names(cfg)
+    assert report.max_grad_norm == pytest.approx(result.history[0]["grad_norm"])
+    assert set(report.max_abs_input) == expected_input_features(cfg)
+    assert report.max_abs_input["pulse_time"] > 1e4  # raw ns reached the network
+    assert report.max_abs_input["pulse_auxiliary"] == 1.0
+    # Independent check that step 2 is the first bad one: the run that stops before it is clean.
+    shorter = train(cfg_for(report.step - 1, tmp_path / "short"), progress=False)
+    assert shorter.diverged is None
+    assert shorter.steps == report.step - 1
+
+
+def corrupt_charge(data: Path, out: Path, cfg: ExperimentConfig, batch_index: int) -> None:
+    """Copy ``data`` to ``out`` with one pulse charge of 1e39 p.e. in training batch
+    ``batch_index`` (0-based) of epoch 0: finite in the float64 file, inf as float32."""
+    shutil.copytree(data, out)
+    corrupt = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(out)))
+    loader = train_loader(corrupt)
+    piece = loader.plan(0)[batch_index][0]
+    meta = loader.dataset.meta(piece.batch_id)
+    row = int(meta["first_pulse_index"][piece.events[0]])  # the event's earliest pulse: kept
+    path = loader.dataset.batch_path(piece.batch_id)
+    table = pq.read_table(path)
+    charge = table.column("charge").to_numpy().copy()
+    charge[row] = 1e39
+    i = table.schema.get_field_index("charge")
+    pq.write_table(table.set_column(i, "charge", pa.array(charge, pa.float64())), path)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("normalize", [True, False])
+def test_feature_overflowing_float32_diverges_at_its_batch(
+    small_dataset: Path, tmp_path: Path, normalize: bool
+) -> None:
+    bad_batch = 2  # 0-based: the third step of epoch 0 sees it
+    cfg = make_cfg(
+        tmp_path / "data",
+        tmp_path / "run",
+        normalize=normalize,
+        lr=1e-3,
+        max_steps=6,
+        warmup_steps=0,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=1,
+    )
+    corrupt_charge(small_dataset, tmp_path / "data", cfg, bad_batch)
+    result = train(cfg, progress=False)
+    report = result.diverged
+    assert report is not None
+    check_stopped_at(result, tmp_path / "run", bad_batch + 1)
+    assert report.reason == "non-finite loss"
+    assert report.first_bad_parameter in expected_parameter_names(cfg)
+    assert set(report.max_abs_input) == expected_input_features(cfg)
+    assert report.max_abs_input["pulse_charge"] == math.inf
+    assert report.max_abs_input["dom_total_charge"] == math.inf
+    assert math.isfinite(report.max_abs_input["pulse_time"])
+    assert "largest input pulse_charge=inf" in report.summary()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class Preempted(Exception):
+    """Raised from the report callback to simulate a job killed right after a checkpoint."""
+
+
+def test_resume_from_checkpoint_is_exact(small_dataset: Path, tmp_path: Path) -> None:
+    def cfg_for(out: Path) -> ExperimentConfig:
+        cfg = make_cfg(
+            small_dataset,
+            out,
+            max_steps=12,
+            warmup_steps=2,
+            lr=2e-3,
+            log_every=3,
+            eval_every=0,
+            checkpoint_every=6,
+        )
+        # Dropout exercises the restored RNG; 4 batches per epoch make the resume cross epochs.
+        cfg.model = dataclasses.replace(cfg.model, dropout=0.1)
+        cfg.data = dataclasses.replace(cfg.data, max_train_events=128)
+        return cfg
+
+    straight = train(cfg_for(tmp_path / "straight"), progress=False)
+
+    def preempt(metrics: dict[str, float], step: int, ckpt: Path | None) -> None:
+        if step == 6:
+            assert ckpt == tmp_path / "first_half"
+            raise Preempted
+
+    with pytest.raises(Preempted):
+        train(cfg_for(tmp_path / "first_half"), report=preempt, progress=False)
+    half = load_checkpoint(tmp_path / "first_half")
+    assert (half["step"], half["epoch"], half["batch_in_epoch"]) == (6, 1, 2)
+
+    resumed = train(
+        cfg_for(tmp_path / "resumed"), resume_from=tmp_path / "first_half", progress=False
+    )
+    assert resumed.steps == straight.steps == 12
+    assert resumed.first_loss == straight.first_loss
+
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 12
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], rtol=0, atol=1e-6), name
+    moved = [n for n in a["model"] if not torch.equal(a["model"][n], half["model"][n])]
+    assert moved, "the second half of training must change the parameters"
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=0, atol=1e-9)
+
+    after = [h for h in straight.history if h["step"] > 6]
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in after] == [9, 12]
+    for hs, hr in zip(after, resumed.history, strict=True):
+        for key in ("loss", "grad_norm", "max_grad_norm", "lr", "epoch", "val_angle"):
+            if key in hs:
+                assert hr[key] == pytest.approx(hs[key], rel=1e-6, abs=1e-7), key
+    assert "val_angle" in resumed.history[-1]
+    assert resumed.val_angle == pytest.approx(straight.val_angle, abs=1e-6)
+
+
+# ---------------------------------------------------------------- input audit
+
+
+def test_input_audit_warns_about_raw_features(
+    small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kw: dict[str, Any] = dict(max_steps=1, eval_every=0, checkpoint_every=0)
+    caplog.set_level(logging.WARNING, logger="iceaggr.train")
+    raw = train(make_cfg(small_dataset, tmp_path / "raw", normalize=False, **kw), progress=False)
+    raw_warnings = [r.getMessage() for r in caplog.records if "INPUT AUDIT" in r.getMessage()]
+    caplog.clear()
+    norm = train(make_cfg(small_dataset, tmp_path / "norm", normalize=True, **kw), progress=False)
+    norm_warnings = [r.getMessage() for r in caplog.records if "INPUT AUDIT" in r.getMessage()]
+
+    features = expected_input_features(make_cfg(small_dataset, tmp_path))
+    assert set(raw.input_audit) == set(norm.input_audit) == features
+    for stats in (*raw.input_audit.values(), *norm.input_audit.values()):
+        assert set(stats) == {"min", "max", "mean", "absmax"}
+        assert stats["min"] <= stats["mean"] <= stats["max"]
+        assert stats["absmax"] == max(abs(stats["min"]), abs(stats["max"]))
+
+    # Raw: one warning per feature above the threshold, naming it and its largest magnitude.
+    too_big = {k: v["absmax"] for k, v in raw.input_audit.items() if v["absmax"] > 100.0}
+    assert {"pulse_time", "dom_first_time", "dom_x", "dom_z"} <= set(too_big)
+    assert len(raw_warnings) == len(too_big)
+    for name, absmax in too_big.items():
+        assert any(f"'{name}' reaches {absmax:.4g}" in m for m in raw_warnings), name
+    assert not any("'pulse_auxiliary'" in m for m in raw_warnings)
+    # Normalized: silent, and every input is O(1).
+    assert norm_warnings == []
+    assert all(v["absmax"] < 10.0 for v in norm.input_audit.values())
+
+    # The two audits saw the same batches: the normalized extremes are the transformed raw ones.
+    r, n = raw.input_audit, norm.input_audit
+    assert n["pulse_time"]["max"] == pytest.approx(
+        (r["pulse_time"]["max"] - TIME_OFFSET_NS) / TIME_SCALE_NS, rel=1e-5
+    )
+    assert n["pulse_charge"]["max"] == pytest.approx(
+        math.log10(r["pulse_charge"]["max"]) / 3.0, rel=1e-5
+    )
+    assert n["dom_z"]["min"] == pytest.approx(r["dom_z"]["min"] / XYZ_SCALE_M, rel=1e-5)
+    assert n["pulse_auxiliary"] == r["pulse_auxiliary"]
+    # And the raw extremes are real values of the files.
+    times = np.concatenate(
+        [
+            pq.read_table(p, columns=["time"]).column("time").to_numpy()
+            for p in sorted((small_dataset / "train").glob("batch_*.parquet"))
+        ]
+    )
+    assert times.min() <= r["pulse_time"]["min"] <= r["pulse_time"]["max"] <= times.max()
+
+
+# ---------------------------------------------------------------- gradient norm and lr schedule
+
+
+def test_lr_lambda_warmup_then_cosine() -> None:
+    got = [lr_lambda(s, warmup=4, total=12, min_ratio=0.1) for s in range(14)]
+    expected = [
+        0.25,
+        0.5,
+        0.75,
+        1.0,  # linear warm-up: (step + 1) / warmup
+        # cosine, progress (step - 4) / 8: 0.1 + 0.45 * (1 + cos(pi * progress))
+        1.0,
+        0.9657457896,
+        0.8681980515,
+        0.7222075446,
+        0.55,
+        0.3777924554,
+        0.2318019485,
+        0.1342542104,
+        0.1,
+        0.1,  # past the end: clamped at the floor
+    ]
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert got[12] == pytest.approx(0.1) and got[13] == pytest.approx(0.1)  # floor, clamped
+    assert lr_lambda(0, warmup=0, total=10, min_ratio=0.0) == 1.0
+    assert lr_lambda(5, warmup=0, total=10, min_ratio=0.0) == pytest.approx(0.5)
+    assert lr_lambda(10, warmup=0, total=10, min_ratio=0.0) == pytest.approx(0.0)
+    assert lr_lambda(3, warmup=0, total=10, min_ratio=1.0) == 1.0  # constant (the probe)
+
+
+def test_grad_norm_is_recorded_before_clipping_and_lr_follows_schedule(
+    small_dataset: Path, tmp_path: Path
+) -> None:
+    cfg = make_cfg(
+        small_dataset,
+        tmp_path,
+        normalize=False,
+        lr=1e-4,
+        max_steps=9,
+        warmup_steps=3,
+        min_lr_ratio=0.1,
+        grad_clip=1.0,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=0,
+    )
+    result = train(cfg, progress=False)
+    assert result.diverged is None
+    hist = result.history
+    assert [h["step"] for h in hist] == list(range(1, 10))
+
+    # The lr each step used: warm-up (1/3, 2/3, 1) then cosine from 1 towards 0.1.
+    multipliers = [1 / 3, 2 / 3, 1.0, 1.0, 0.9397114317, 0.775, 0.55, 0.325, 0.1602885683]
+    assert [h["lr"] for h in hist] == pytest.approx([1e-4 * m for m in multipliers], rel=1e-8)
+
+    norms = [h["grad_norm"] for h in hist]
+    assert all(n > 0 and math.isfinite(n) for n in norms)
+    running = np.maximum.accumulate(norms)
+    assert [h["max_grad_norm"] for h in hist] == pytest.approx(running.tolist(), rel=1e-6)
+    assert result.max_grad_norm == pytest.approx(max(norms), rel=1e-6)
+    # Raw inputs give gradients far above the clip: the recorded norm is the pre-clip one.
+    assert result.max_grad_norm > 10 * cfg.train.grad_clip
+
+    # Independent recomputation of step 1 (same initial weights, same first batch).
+    model = fresh_model(cfg)
+    batch = next(train_loader(cfg).iter_epoch(0))
+    loss = angular_distance(model(batch).direction, batch.direction).mean()
+    loss.backward()
+    norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+    )
+    assert result.first_loss == pytest.approx(loss.item(), rel=1e-5)
+    assert hist[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert hist[0]["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def only_run(uri: str, experiment: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_mlflow_records_a_finished_run(
+    small_dataset: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    cfg = make_cfg(
+        small_dataset,
+        tmp_path,
+        max_steps=6,
+        log_every=2,
+        eval_every=0,
+        checkpoint_every=0,
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_experiment="test-finished",
+    )
+    result = train(cfg, progress=False)
+    assert result.diverged is None
+    client, run = only_run(mlflow_uri, "test-finished")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == cfg.name
+    params = run.data.params
+    assert float(params["train.lr"]) == cfg.train.lr
+    assert params["model.d_model"] == str(cfg.model.d_model)
+    assert params["model.normalize"] == "True"
+    assert params["world_size"] == "1"
+    assert float(params["input_audit.pulse_time.absmax"]) == pytest.approx(
+        result.input_audit["pulse_time"]["absmax"], rel=1e-3
+    )
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in loss) == [2, 4, 6]
+    by_step = {m.step: m.value for m in loss}
+    for h in result.history:
+        assert by_step[int(h["step"])] == pytest.approx(h["loss"])
+    assert len(client.get_metric_history(run.info.run_id, "grad_norm")) == 3
+    val = client.get_metric_history(run.info.run_id, "val_angle")
+    assert [m.step for m in val] == [6]
+    assert "diverged" not in run.data.tags
+
+
+def test_mlflow_marks_a_diverged_run_failed(
+    small_dataset: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    cfg = make_cfg(
+        small_dataset,
+        tmp_path,
+        normalize=False,
+        lr=1e6,
+        max_steps=10,
+        warmup_steps=0,
+        min_lr_ratio=1.0,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=0,
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_experiment="test-diverged",
+    )
+    result = train(cfg, progress=False)
+    assert result.diverged is not None
+    client, run = only_run(mlflow_uri, "test-diverged")
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
+    assert tags["diverged"] == "true"
+    assert tags["diverged_at_step"] == str(result.diverged.step)
+    assert tags["divergence_reason"] == result.diverged.summary()
+    assert tags["divergence_reason"].startswith(f"diverged at step {result.diverged.step}")
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in loss) == list(range(1, result.diverged.step + 1))
+    flag = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "diverged")}
+    assert flag[result.diverged.step] == 1.0
+    assert all(v == 0.0 for s, v in flag.items() if s < result.diverged.step)
