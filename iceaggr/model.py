@@ -253,7 +253,10 @@ class Encoder(nn.Module):
         h = layout.to_layout(x)  # (T, d) or (N, L, d)
         for block in self.blocks:
             h = block(h, layout)
-        return layout.mean_pool(self.norm(layout.to_packed(h)))  # (N, d)
+        # Pool, then normalize (timm's fc_norm): a mean of per-token LayerNorm outputs over
+        # tens of DOMs averages towards one vector for every event, and the head then sees
+        # almost no event-to-event variation (the model collapsed to the mean direction).
+        return self.norm(layout.mean_pool(layout.to_packed(h)))  # (N, d)
 
 
 class IceAggrModel(nn.Module):
@@ -268,6 +271,9 @@ class IceAggrModel(nn.Module):
         self.dom_encoder = Encoder(cfg, cfg.dom_heads, cfg.dom_layers)
         self.geometry_embed = nn.Sequential(nn.Linear(3, d), nn.GELU(), nn.Linear(d, d))
         self.summary_embed = nn.Linear(NUM_SUMMARY_FEATURES, d)
+        self.moment_embed = nn.Sequential(
+            nn.Linear(NUM_SUMMARY_FEATURES, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d)
+        )  # the LayerNorm puts this path on the scale of the pooled transformer output
         self.event_encoder = Encoder(cfg, cfg.event_heads, cfg.event_layers)
         self.head = nn.Sequential(
             nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 4)
@@ -304,7 +310,11 @@ class IceAggrModel(nn.Module):
         x = self.pulse_embed(inputs.pulses)  # (P, d)
         dom = self.dom_encoder(x, dom_layout)  # (D, d)
         dom = dom + self.geometry_embed(inputs.dom_xyz) + self.summary_embed(inputs.dom_summary)
-        return self.event_encoder(dom, event_layout)  # (B, d)
+        pooled = self.event_encoder(dom, event_layout)  # (B, d)
+        # Event moments: the mean of the DOM summaries over the event (its position-time
+        # moments are what a line fit regresses), given to the head next to the transformer.
+        moments = event_layout.mean_pool(inputs.dom_summary)  # (B, S)
+        return pooled + self.moment_embed(moments)  # (B, d)
 
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
         raw = self.head(features)  # (B, 4)

@@ -253,4 +253,5 @@ def test_pulse_with_all_zero_normalized_features_keeps_gradients_tame(d_model: i
     total = torch.linalg.vector_norm(
         torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
     )
-    assert total < 100, f"pre-clip gradient norm {total:.3g}"
+    # Below the stability table's warning threshold (train.grad_norm_warn = 1e3).
+    assert total < 1e3, f"pre-clip gradient norm {total:.3g}"
