@@ -40,7 +40,7 @@ class DomBatch:
     event_id: torch.Tensor
     """(B,) int64: Kaggle ``event_id``."""
     direction: torch.Tensor | None = None
-    """(B, 3) float32 unit vector ``(cos az sin zen, sin az sin zen, cos zen)``; None for test data."""
+    """(B, 3) float32 unit ``(cos az sin zen, sin az sin zen, cos zen)``; None for test data."""
     n_pulses_raw: torch.Tensor | None = None
     """(B,) int64: pulses the event had before truncation (for bookkeeping)."""
 

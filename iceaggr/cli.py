@@ -41,9 +41,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"DIVERGED: {result.diverged.summary()}")
         print(json.dumps(result.to_json()["diverged"], indent=2))
         return 3
+    val = result.val_angle if result.val_angle is not None else float("nan")
     print(
         f"trained {result.steps} steps: last loss {result.last_loss:.4f}, "
-        f"validation angular error {result.val_angle if result.val_angle is not None else float('nan'):.4f} rad, "
+        f"validation angular error {val:.4f} rad, "
         f"{result.events_per_s:.0f} events/s; result in {out}"
     )
     return 0
@@ -53,7 +54,7 @@ def _probe(args: argparse.Namespace) -> int:
     from iceaggr.config import load_config
     from iceaggr.probe import PROBE_LRS, format_table, run_probe, write_table
 
-    overrides = list(args.set) + [f"data.path={args.data}"]
+    overrides = [*args.set, f"data.path={args.data}"]
     cfg = load_config(args.config, overrides)
     lrs = tuple(args.lrs) if args.lrs else PROBE_LRS
     cells = run_probe(cfg, lrs=lrs, steps=args.steps, batch_size=args.batch_size)

@@ -155,7 +155,8 @@ class KaggleDataset:
         if batch_id not in self._paths:
             raise DatasetError(
                 f"{self.batch_dir}: batch_{batch_id}.parquet does not exist; "
-                f"available batch ids: {self.batch_ids[:10]}{'...' if len(self.batch_ids) > 10 else ''}"
+                f"available batch ids: {self.batch_ids[:10]}"
+                f"{'...' if len(self.batch_ids) > 10 else ''}"
             )
         return self._paths[batch_id]
 
@@ -208,7 +209,8 @@ class KaggleDataset:
                 if np.any(bad):
                     i = _first_bad(bad)
                     raise DatasetError(
-                        f"{path}: column '{col}', batch_id {batch_id}, event_id {m['event_id'][i]}: "
+                        f"{path}: column '{col}', batch_id {batch_id}, "
+                        f"event_id {m['event_id'][i]}: "
                         f"value {v[i]} outside [0, {hi:.4f}] rad. Fix or drop that event."
                     )
 
@@ -289,7 +291,8 @@ class KaggleDataset:
         if np.any(bad):
             i = _first_bad(bad)
             raise DatasetError(
-                f"{path}: column 'sensor_id' value {sensor[i]} at row {i} (event {ev[i]}) is outside "
+                f"{path}: column 'sensor_id' value {sensor[i]} at row {i} (event {ev[i]}) is "
+                f"outside "
                 f"the geometry (0..{self.num_sensors - 1} in {self.root / GEOMETRY_FILE})."
             )
         charge = cols["charge"]

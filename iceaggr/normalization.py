@@ -46,8 +46,8 @@ AUX_WEIGHT = 1.0e-3
 """Weight of auxiliary charge in the event's mean time and centre (non-auxiliary counts 1)."""
 RELATIVE_TIME_SCALE_NS = 1.0e3
 """Light crosses ~300 m (the scale of a track in the detector) in ~1e3 ns; DOM times relative to
-the event's charge-weighted mean time land in about [-3, 3] (asinh beyond). The direction lives in these
-differences, which the absolute-time scale (3e4 ns) squeezes to ~0.03."""
+the event's charge-weighted mean time land in about [-3, 3] (asinh beyond). The direction lives
+in these differences, which the absolute-time scale (3e4 ns) squeezes to ~0.03."""
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -106,13 +106,24 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
+    log = (root / "server.log").open("w")
     proc = subprocess.Popen(
         [
-            str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
         ],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -130,6 +141,7 @@ def mlflow_server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +153,7 @@ def multinode(tmp_path_factory):
     old_home = os.environ.get("HOME")
     os.environ["HOME"] = str(home)  # Ray's auth token goes to a scratch $HOME/.ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [
-        cluster.add_node(num_cpus=2, resources={"trainer": 1}) for _ in range(2)
-    ]
+    workers = [cluster.add_node(num_cpus=2, resources={"trainer": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     yield cluster, [w.node_id for w in workers]
@@ -191,7 +201,7 @@ def test_multinode_sweep_logs_every_node_to_the_server(
     from iceaggr_tune.mlflow_runs import TAG_WORKER_NODE, child_runs
     from iceaggr_tune.sweep import SweepOptions, run_sweep
 
-    cluster, worker_node_ids = multinode
+    _, worker_node_ids = multinode
     opts = SweepOptions.smoke(
         name="multinode",
         data=str(cluster_data),

@@ -103,7 +103,9 @@ def test_sweep_records_table_search_and_divergence(ray_cluster, sweep_data, tmp_
     assert len(cells) == 4
     assert cells[(1e3, True)].status == "explodes"
     assert cells[(1e-4, True)].status != "explodes"
-    table_json = json.loads((Path(opts.storage_path) / "records" / "stability_table.json").read_text())
+    table_json = json.loads(
+        (Path(opts.storage_path) / "records" / "stability_table.json").read_text()
+    )
     assert len(table_json["cells"]) == 4
 
     # Optuna: every trial finished (COMPLETE or PRUNED), none left RUNNING; the exploded
@@ -119,8 +121,9 @@ def test_sweep_records_table_search_and_divergence(ray_cluster, sweep_data, tmp_
 
 def test_diverging_search_is_penalized_not_left_running(ray_cluster, sweep_data, tmp_path):
     # Every sampled lr is absurd: each trial must end diverged, penalized in Optuna.
-    opts = _options(tmp_path, sweep_data, name="diverging", table=False, trials=2,
-                    lr_min=1e2, lr_max=1e4)
+    opts = _options(
+        tmp_path, sweep_data, name="diverging", table=False, trials=2, lr_min=1e2, lr_max=1e4
+    )
     result = run_sweep(opts)
     study = optuna.load_study(
         study_name=OPTUNA_STUDY, storage=optuna_storage_url(Path(opts.storage_path) / "diverging")
@@ -135,14 +138,27 @@ def test_diverging_search_is_penalized_not_left_running(ray_cluster, sweep_data,
 def test_interrupted_sweep_resumes_without_duplicates(ray_cluster, sweep_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [
-        sys.executable, str(REPO / "tune" / "lr_sweep.py"), "--smoke-test", "--table-only",
-        "--name", "resumable", "--data", str(sweep_data), "--storage-path",
-        str(tmp_path / "sweeps"), "--tracking-uri", uri, "--address", ray_cluster,
-        "--max-concurrent", "1",
+        sys.executable,
+        str(REPO / "tune" / "lr_sweep.py"),
+        "--smoke-test",
+        "--table-only",
+        "--name",
+        "resumable",
+        "--data",
+        str(sweep_data),
+        "--storage-path",
+        str(tmp_path / "sweeps"),
+        "--tracking-uri",
+        uri,
+        "--address",
+        ray_cluster,
+        "--max-concurrent",
+        "1",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 300
     finished_before: dict[str, int] = {}
@@ -172,8 +188,9 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_cluster, sweep_data, t
     runs = child_runs(uri, parent)
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        [*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "| 1e-3 |" in resumed.stdout and "| 1e-4 |" in resumed.stdout
     runs = child_runs(uri, parent)
