@@ -187,6 +187,8 @@ class EventLoader:
     """Batches assembled ahead in a background thread (0: assemble in the caller)."""
     max_events: int | None = None
     """Use at most this many events per epoch (before sharding), for short runs."""
+    pin_memory: bool = False
+    """Pin each batch in page-locked memory (in the prefetch thread) for async copies to a GPU."""
     stats: LoaderStats = field(default_factory=LoaderStats)
 
     def __post_init__(self) -> None:
@@ -269,7 +271,8 @@ class EventLoader:
                         self.stats,
                     )
                 )
-            yield parts[0] if len(parts) == 1 else concat_batches(parts)
+            batch = parts[0] if len(parts) == 1 else concat_batches(parts)
+            yield batch.pin_memory() if self.pin_memory else batch
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[DomBatch]:
         gen = self._generate(epoch, start_batch)

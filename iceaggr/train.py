@@ -241,6 +241,7 @@ def train(
         rank=rank,
         world_size=world_size,
         prefetch=cfg.data.prefetch,
+        pin_memory=dev.type == "cuda",
         max_events=cfg.data.max_train_events,
     )
     val_loader = None
@@ -255,6 +256,7 @@ def train(
             world_size=world_size,
             drop_last=False,
             prefetch=cfg.data.prefetch,
+            pin_memory=dev.type == "cuda",
             max_events=cfg.data.max_val_events,
         )
     model = IceAggrModel(cfg.model).to(dev)
