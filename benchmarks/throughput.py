@@ -90,7 +90,7 @@ H200_SPEC: dict[str, float] = {
     "copy_bytes_per_s": 4.2e12,
 }
 """Assumed H200 ceilings (dense bf16 tensor-core and fp32 non-tensor-core matmul, device copy
-bandwidth), stated as assumptions; the same run also measures a matmul and a copy."""
+bandwidth counting read + write); the same run also measures a matmul and a copy."""
 
 ADAMW_BYTES_PER_PARAM = 40
 """fp32 bytes one training step moves per parameter at least: forward read (4), backward read
@@ -112,18 +112,18 @@ class LengthModel:
     the mean is ~109 pulses and ~65 hit DOMs per event, ~78% of DOMs hold one pulse, and the
     uncapped pulses per event have percentiles near the real P50 63, P90 144, P99 1,177."""
 
-    doms_median: float = 36.0
+    doms_median: float = 38.0
     """Median hit DOMs of an ordinary event (log-normal)."""
-    doms_sigma: float = 0.65
+    doms_sigma: float = 0.5
     """Log-normal width of hit DOMs per ordinary event."""
-    bright_fraction: float = 0.06
+    bright_fraction: float = 0.067
     """Share of bright events (high energy, many DOMs): the heavy tail up to ~2,000 DOMs."""
-    bright_doms_median: float = 250.0
+    bright_doms_median: float = 230.0
     bright_doms_sigma: float = 1.1
     single_pulse_fraction: float = 0.78
     """Share of hit DOMs with one pulse (before the event cap, which barely changes it)."""
     multi_tail_alpha: float = 1.5
-    """A multi-pulse DOM holds ``2 + floor(scale * Lomax(alpha))`` pulses: mean ~4.5, tail to
+    """A multi-pulse DOM holds ``2 + floor(scale * Lomax(alpha))`` pulses: mean ~4, tail to
     hundreds (capped at ``max_pulses_per_dom``)."""
     multi_tail_scale: float = 1.25
 
@@ -368,8 +368,7 @@ def count_min_bytes(
     d, hidden = cfg.d_model, int(cfg.mlp_ratio * cfg.d_model)
     per_token_block = 5 * (6 * d + hidden) * activation_bytes(precision)
     return {
-        "activations": per_token_block
-        * (n_pulses * cfg.dom_layers + n_doms * cfg.event_layers),
+        "activations": per_token_block * (n_pulses * cfg.dom_layers + n_doms * cfg.event_layers),
         "inputs": 4 * (n_pulses * len(PULSE_FEATURES) + n_doms * 3 + n_events * 3)
         + 8 * (n_doms + n_events + 2),
         "parameters_optimizer": ADAMW_BYTES_PER_PARAM * n_params,
@@ -674,9 +673,7 @@ def per_event_counts(
     }
 
 
-def max_estimated_peak(
-    model_cfg: ModelConfig, batches: Sequence[DomBatch], n_params: int
-) -> int:
+def max_estimated_peak(model_cfg: ModelConfig, batches: Sequence[DomBatch], n_params: int) -> int:
     return max(
         estimate_peak_bytes(model_cfg, pulses, doms, n_params)
         for pulses, doms in _pool_lengths(batches)
@@ -858,7 +855,12 @@ def halvings(start: int) -> Iterator[int]:
 def time_loader(
     data_dir: Path, cfg: ExperimentConfig, batch_size: int, n_batches: int
 ) -> dict[str, Any]:
-    """Seconds per batch of EventLoader (one thread, prefetch 0) on the files of ``data_dir``."""
+    """Milliseconds per batch of EventLoader (one thread, prefetch 0) on ``data_dir``'s files.
+
+    The first batch also reads and validates a batch file; the steady per-batch cost is the
+    median of the later ones, and the file read (first minus steady) is amortized over the
+    events of a file: ``batch_ms`` = steady + read * batch_size / events per file.
+    """
     from iceaggr.dataset import KaggleDataset
     from iceaggr.loader import EventLoader
 
@@ -874,22 +876,31 @@ def time_loader(
         prefetch=0,
     )
     open_s = time.perf_counter() - t_open
-    seconds, batches = [], []
+    wall, cpu, batches = [], [], []
     it = loader.iter_epoch(0)
-    for _ in range(min(n_batches, len(loader))):
-        t0 = time.perf_counter()
-        batch = next(it)
-        seconds.append(time.perf_counter() - t0)
-        batches.append(batch)
+    for _ in range(min(n_batches + 1, len(loader))):
+        t0, c0 = time.perf_counter(), time.process_time()
+        batches.append(next(it))
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    steady = statistics.median(wall[1:]) if len(wall) > 1 else wall[0]
+    steady_cpu = statistics.median(cpu[1:]) if len(cpu) > 1 else cpu[0]
+    events_per_file = statistics.fmean(ds.num_events(b) for b in ds.batch_ids)
+    read_s = max(0.0, wall[0] - steady)
+    batch_s = steady + read_s * batch_size / events_per_file
     return {
         "data": str(data_dir),
         "batch_size": batch_size,
-        "batches": len(seconds),
+        "batches": len(wall),
         "open_s": open_s,
-        "batch_ms_median": 1e3 * statistics.median(seconds),
-        "batch_ms_mean": 1e3 * statistics.fmean(seconds),
-        "batch_ms_first": 1e3 * seconds[0],
-        "events_per_s": batch_size * len(seconds) / sum(seconds),
+        "first_batch_ms": 1e3 * wall[0],
+        "steady_batch_ms": 1e3 * steady,
+        "steady_batch_cpu_ms": 1e3 * steady_cpu,
+        "file_read_ms": 1e3 * read_s,
+        "file_read_cpu_ms": 1e3 * max(0.0, cpu[0] - steady_cpu),
+        "events_per_file": events_per_file,
+        "batch_ms": 1e3 * batch_s,
+        "events_per_s": batch_size / batch_s,
         "data_stats": batches_stats(batches),
     }
 
@@ -900,290 +911,366 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return Benchmark(args).run()
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.config)
-    trunc = cfg.data.truncation()
-    batch_size = args.batch_size or (16 if args.quick else cfg.train.batch_size)
-    packed_cfg = dataclasses.replace(cfg.model, attention="packed")
-    padded_cfg = dataclasses.replace(cfg.model, attention="padded")
-    torch.manual_seed(args.seed)
-    state = {k: v.clone() for k, v in IceAggrModel(packed_cfg).state_dict().items()}
-    n_params = sum(v.numel() for v in state.values())
-    out: list[str] = []
+class Benchmark:
+    """One run: the model, its synthetic batches, and what was measured so far."""
 
-    def say(line: str = "") -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cfg = load_config(args.config)
+        self.trunc = self.cfg.data.truncation()
+        self.batch_size: int = args.batch_size or (16 if args.quick else self.cfg.train.batch_size)
+        self.packed_cfg = dataclasses.replace(self.cfg.model, attention="packed")
+        self.padded_cfg = dataclasses.replace(self.cfg.model, attention="padded")
+        torch.manual_seed(args.seed)
+        model = IceAggrModel(self.packed_cfg)
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.n_params = model.num_parameters()
+        self.pools: dict[int, list[DomBatch]] = {}
+        self.rows: list[Row] = []
+        self.ratios: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.ceilings: list[Ceiling] = []
+        self.printed: list[str] = []
+
+    def say(self, line: str = "") -> None:
         print(line, flush=True)
-        out.append(line)
+        self.printed.append(line)
 
-    say(
-        f"model: {args.config} (d_model {packed_cfg.d_model}, {packed_cfg.dom_layers} DOM + "
-        f"{packed_cfg.event_layers} event layers, {n_params:,} parameters), torch "
-        f"{torch.__version__}, {torch.get_num_threads()} CPU threads"
-    )
-    sample = length_stats(
-        *sample_lengths(20_000, np.random.default_rng([args.seed, 1]), trunc)
-    )
-    say(
-        f"synthetic lengths (20,000 events, caps {trunc.max_pulses_per_event}/event, "
-        f"{trunc.max_pulses_per_dom}/DOM, {trunc.max_doms_per_event} DOMs): "
-        f"{sample['mean_pulses_per_event']:.1f} pulses and {sample['mean_doms_per_event']:.1f} "
-        f"hit DOMs per event, single-pulse DOM fraction {sample['single_pulse_fraction']:.3f}, "
-        f"pulses/event P50 {sample['pulses_per_event_p50']:.0f} P90 "
-        f"{sample['pulses_per_event_p90']:.0f} P99 {sample['pulses_per_event_p99']:.0f}, "
-        f"DOMs/event {sample['min_doms_per_event']}-{sample['max_doms_per_event']}, longest DOM "
-        f"{sample['max_pulses_per_dom']} pulses (real, DESIGN.md 3: ~109, ~65, ~0.78)"
-    )
-    main_batches = synthetic_batches(args.steps, batch_size, args.seed, trunc)
-    timed = batches_stats(main_batches)
-    say(
-        f"timed batches ({args.steps} x {batch_size} events): "
-        f"{timed['mean_pulses_per_event']:.1f} pulses and {timed['mean_doms_per_event']:.1f} "
-        f"DOMs per event, single-pulse fraction {timed['single_pulse_fraction']:.3f}, longest "
-        f"DOM {timed['max_pulses_per_dom']} pulses, largest event {timed['max_doms_per_event']} "
-        "DOMs"
-    )
-    per_event = {p: per_event_counts(packed_cfg, main_batches, n_params, p) for p in PRECISIONS}
-    fl = per_event["fp32"]
-    say(
-        f"per event (training step, useful): {fl['flops'] / 1e9:.3f} GFLOP "
-        + "("
-        + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in fl["flops_breakdown"].items())
-        + f"); minimum bytes {fl['bytes'] / 1e6:.2f} MB fp32, "
-        f"{per_event['bf16']['bytes'] / 1e6:.2f} MB bf16 (parameters + AdamW "
-        f"{fl['bytes_breakdown']['parameters_optimizer'] / 1e3:.1f} kB at batch {batch_size})"
-    )
+    def pool(self, batch_size: int) -> list[DomBatch]:
+        """The ``--steps`` synthetic batches of this size (the same for every configuration)."""
+        if batch_size not in self.pools:
+            self.pools[batch_size] = synthetic_batches(
+                self.args.steps, batch_size, self.args.seed, self.trunc
+            )
+        return self.pools[batch_size]
 
-    rows: list[Row] = []
-    ratios: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    ceilings: list[Ceiling] = []
-    pools: dict[int, list[DomBatch]] = {batch_size: main_batches}
-
-    def pool(b: int) -> list[DomBatch]:
-        if b not in pools:
-            pools[b] = synthetic_batches(args.steps, b, args.seed, trunc)
-        return pools[b]
-
-    def skip(device: torch.device, precision: str, attention: str, b: int, why: str) -> None:
+    def skip(self, device: torch.device, precision: str, attention: str, b: int, why: str) -> None:
         line = f"skipped: {device.type} {precision} {attention} batch {b}: {why}"
-        say(line)
-        skipped.append(
-            dict(device=device.type, precision=precision, attention=attention, batch_size=b,
-                 reason=why, line=line)
-        )  # fmt: skip
+        self.say(line)
+        self.skipped.append(
+            dict(
+                device=device.type,
+                precision=precision,
+                attention=attention,
+                batch_size=b,
+                reason=why,
+                line=line,
+            )
+        )
 
-    for device in devices_for(args.device):
+    # -------------------------------------------------------------------- measurement
+
+    def measure(
+        self,
+        device: torch.device,
+        precision: str,
+        ceiling: Ceiling,
+        budget: int,
+        model_cfg: ModelConfig,
+        attention: str,
+        batches: list[DomBatch],
+        compile_model: bool = False,
+    ) -> Row | None:
+        """Time one configuration and add its row, or record why it was skipped."""
+        b = batches[0].num_events
+        need = max_estimated_peak(model_cfg, batches, self.n_params)
+        if need > budget:
+            why = f"would need ~{need / 2**30:.1f} GB (budget {budget / 2**30:.1f} GB)"
+            self.skip(device, precision, attention, b, why)
+            return None
+        on_device = [x.to(device) for x in batches]
+        try:
+            timing = time_training(
+                self.cfg,
+                model_cfg,
+                self.state,
+                on_device,
+                device,
+                precision,
+                self.args.warmup,
+                self.args.repeats,
+                compile_model,
+            )
+        except Exception as err:
+            oom = isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(
+                err
+            )
+            if oom:
+                why = f"out of memory (estimated {need / 2**30:.1f} GB): {err}"
+            elif compile_model:
+                why = f"torch.compile failed: {type(err).__name__}: {err}"
+            else:
+                raise
+            self.skip(device, precision, attention, b, why.split("\n")[0][:300])
+            return None
+        row = make_row(
+            device=device,
+            precision=precision,
+            attention=attention,
+            model_cfg=model_cfg,
+            batches=batches,
+            timing=timing,
+            ceiling=ceiling,
+            n_params=self.n_params,
+            warmup=self.args.warmup,
+        )
+        self.rows.append(row)
+        self.say(
+            f"  {device.type} {precision} {attention} batch {b}: {row.events_per_s:,.1f} "
+            f"events/s, {row.step_ms:,.1f} ms/step, peak {row.peak_mb:,.0f} MB (estimated "
+            f"{row.estimated_peak_mb:,.0f} MB)"
+            + (f", compile {row.compile_s:.1f} s" if row.compile_s is not None else "")
+        )
+        return row
+
+    def padded_batch_size(
+        self,
+        device: torch.device,
+        precision: str,
+        ceiling: Ceiling,
+        budget: int,
+        packed: Row | None,
+    ) -> int | None:
+        """The largest batch (halving from --batch-size) whose padded step fits memory and time.
+
+        The step time is predicted by scaling the measured packed step by the ratio of executed
+        FLOPs (or, without one, from the matmul ceiling); every batch passed over is recorded as
+        skipped with its reason.
+        """
+        args = self.args
+        for b in [args.padded_batch_size] if args.padded_batch_size else halvings(self.batch_size):
+            lengths = _pool_lengths(self.pool(b))
+            need = max_estimated_peak(self.padded_cfg, self.pool(b), self.n_params)
+            executed = sum(
+                count_flops(self.padded_cfg, pulses, doms, "padded").total
+                for pulses, doms in lengths
+            )
+            step_flops = TRAIN_FLOP_FACTOR * executed / len(lengths)
+            if packed is not None:
+                packed_flops = packed.executed_flops_per_event * packed.batch_size
+                predicted_s = packed.step_ms / 1e3 * step_flops / packed_flops
+            else:
+                predicted_s = step_flops / (PADDED_STEP_EFFICIENCY * ceiling.matmul_flops_per_s)
+            too_slow = args.padded_batch_size is None and predicted_s > args.max_step_s
+            if need <= budget and not too_slow:
+                return b
+            why = (
+                f"would need ~{need / 2**30:.1f} GB (budget {budget / 2**30:.1f} GB)"
+                if need > budget
+                else f"predicted {predicted_s:,.1f} s/step > --max-step-s {args.max_step_s:g} "
+                f"(memory ~{need / 2**30:.2f} GB would fit)"
+            )
+            self.skip(device, precision, "padded", b, why)
+        return None
+
+    def run_device(self, device: torch.device) -> None:
+        args = self.args
         budget = memory_budget_bytes(device, args.memory_budget_gb)
         for precision in args.precision:
             ceiling = measure_ceilings(device, precision, args.quick)
-            ceilings.append(ceiling)
-            say(
-                f"ceiling {device.type} {precision}: matmul {ceiling.matmul_flops_per_s / 1e9:,.1f}"
-                f" GFLOP/s (n={ceiling.matmul_n}), copy {ceiling.copy_bytes_per_s / 1e9:,.1f} GB/s"
-                + (
-                    f"; assumed H200: {ceiling.spec_flops_per_s / 1e12:.0f} TFLOP/s, "
-                    f"{ceiling.spec_bytes_per_s / 1e12:.1f} TB/s"
-                    if ceiling.spec_flops_per_s and ceiling.spec_bytes_per_s
-                    else ""
-                )
+            self.ceilings.append(ceiling)
+            spec = (
+                f"; assumed H200: {ceiling.spec_flops_per_s / 1e12:.0f} TFLOP/s, "
+                f"{ceiling.spec_bytes_per_s / 1e12:.1f} TB/s"
+                if ceiling.spec_flops_per_s and ceiling.spec_bytes_per_s
+                else ""
             )
-
-            def measure(
-                model_cfg: ModelConfig,
-                attention: str,
-                batches: list[DomBatch],
-                compile_model: bool = False,
-                device: torch.device = device,
-                precision: str = precision,
-                ceiling: Ceiling = ceiling,
-            ) -> Row | None:
-                b = batches[0].num_events
-                need = max_estimated_peak(model_cfg, batches, n_params)
-                if need > budget:
-                    skip(
-                        device, precision, attention, b,
-                        f"would need ~{need / 2**30:.1f} GB (budget {budget / 2**30:.1f} GB)",
-                    )  # fmt: skip
-                    return None
-                on_device = [x.to(device) for x in batches]
-                try:
-                    timing = time_training(
-                        cfg, model_cfg, state, on_device, device, precision,
-                        args.warmup, args.repeats, compile_model,
-                    )  # fmt: skip
-                except Exception as err:
-                    oom = isinstance(err, torch.cuda.OutOfMemoryError) or (
-                        "can't allocate memory" in str(err)
-                    )
-                    if oom:
-                        why = f"out of memory (estimated {need / 2**30:.1f} GB): {err}"
-                        skip(device, precision, attention, b, why.split("\n")[0][:300])
-                        return None
-                    if not compile_model:
-                        raise
-                    why = f"torch.compile failed: {type(err).__name__}: {err}".split("\n")[0]
-                    skip(device, precision, attention, b, why[:300])
-                    return None
-                row = make_row(
-                    device=device, precision=precision, attention=attention,
-                    model_cfg=model_cfg, batches=batches, timing=timing, ceiling=ceiling,
-                    n_params=n_params, warmup=args.warmup,
-                )  # fmt: skip
-                rows.append(row)
-                say(
-                    f"  {device.type} {precision} {attention} batch {b}: "
-                    f"{row.events_per_s:,.1f} events/s, {row.step_ms:,.1f} ms/step, "
-                    f"peak {row.peak_mb:,.0f} MB (estimated {row.estimated_peak_mb:,.0f} MB)"
-                    + (f", compile {row.compile_s:.1f} s" if row.compile_s is not None else "")
-                )
-                return row
-
+            self.say(
+                f"ceiling {device.type} {precision}: matmul "
+                f"{ceiling.matmul_flops_per_s / 1e9:,.1f} GFLOP/s (n={ceiling.matmul_n}), copy "
+                f"{ceiling.copy_bytes_per_s / 1e9:,.1f} GB/s{spec}"
+            )
             # One untimed step of each model first, so that one-time costs (lazy kernel
             # initialization, code pages, allocator pools) land in no configuration's numbers.
-            tiny = pool(2)[:1]
-            for model_cfg in (packed_cfg, padded_cfg):
-                time_training(
-                    cfg, model_cfg, state, [x.to(device) for x in tiny], device, precision, 0, 1
-                )
-            packed = measure(packed_cfg, "packed", main_batches)
+            tiny = [x.to(device) for x in self.pool(2)[:1]]
+            for model_cfg in (self.packed_cfg, self.padded_cfg):
+                time_training(self.cfg, model_cfg, self.state, tiny, device, precision, 0, 1)
+
+            common = (device, precision, ceiling, budget)
+            packed = self.measure(*common, self.packed_cfg, "packed", self.pool(self.batch_size))
             if args.compile:
-                measure(packed_cfg, "packed+compile", main_batches, compile_model=True)
-
-            # The padded reference: the largest batch that fits memory and time.
-            padded_batch = None
-            candidates = [args.padded_batch_size] if args.padded_batch_size else None
-            for b in candidates or halvings(batch_size):
-                need = max_estimated_peak(padded_cfg, pool(b), n_params)
-                flops = sum(
-                    count_flops(padded_cfg, pulses, doms, "padded").total
-                    for pulses, doms in _pool_lengths(pool(b))
-                ) * TRAIN_FLOP_FACTOR / len(pool(b))
-                if packed is not None:  # scale the measured packed step by executed FLOPs
-                    packed_flops = packed.executed_flops_per_event * packed.batch_size
-                    predicted_s = packed.step_ms / 1e3 * flops / packed_flops
-                else:
-                    predicted_s = flops / (PADDED_STEP_EFFICIENCY * ceiling.matmul_flops_per_s)
-                too_slow = args.padded_batch_size is None and predicted_s > args.max_step_s
-                if need <= budget and not too_slow:
-                    padded_batch = b
-                    break
-                why = (
-                    f"would need ~{need / 2**30:.1f} GB (budget {budget / 2**30:.1f} GB)"
-                    if need > budget
-                    else f"predicted {predicted_s:,.1f} s/step > --max-step-s "
-                    f"{args.max_step_s:g} (memory ~{need / 2**30:.2f} GB would fit)"
+                self.measure(
+                    *common, self.packed_cfg, "packed+compile", self.pool(self.batch_size), True
                 )
-                skip(device, precision, "padded", b, why)
-            if padded_batch is None:
+            b = self.padded_batch_size(*common, packed)
+            if b is None:
                 continue
-            padded = measure(padded_cfg, "padded", pool(padded_batch))
-            same = packed if padded_batch == batch_size else None
+            padded = self.measure(*common, self.padded_cfg, "padded", self.pool(b))
+            same = packed if b == self.batch_size else None
             if same is None and padded is not None:
-                same = measure(packed_cfg, "packed", pool(padded_batch))
-            if padded is not None and same is not None:
-                speedup = same.events_per_s / padded.events_per_s
-                line = (
-                    f"speed-up packed/padded ({device.type} {precision}, batch {padded_batch}): "
-                    f"{speedup:.1f}x ({same.events_per_s:,.1f} vs {padded.events_per_s:,.1f} "
-                    f"events/s; peak memory {same.peak_mb:,.0f} vs {padded.peak_mb:,.0f} MB)"
+                same = self.measure(*common, self.packed_cfg, "packed", self.pool(b))
+            if padded is None or same is None:
+                continue
+            speedup = same.events_per_s / padded.events_per_s
+            line = (
+                f"speed-up packed/padded ({device.type} {precision}, batch {b}): {speedup:.1f}x "
+                f"({same.events_per_s:,.1f} vs {padded.events_per_s:,.1f} events/s; peak memory "
+                f"{same.peak_mb:,.0f} vs {padded.peak_mb:,.0f} MB)"
+            )
+            self.ratios.append(
+                dict(
+                    device=device.type,
+                    precision=precision,
+                    batch_size=b,
+                    packed_events_per_s=same.events_per_s,
+                    padded_events_per_s=padded.events_per_s,
+                    speedup=speedup,
+                    line=line,
                 )
-                ratios.append(
-                    dict(device=device.type, precision=precision, batch_size=padded_batch,
-                         packed_events_per_s=same.events_per_s,
-                         padded_events_per_s=padded.events_per_s, speedup=speedup, line=line)
-                )  # fmt: skip
+            )
 
-    loader_result = None
-    if args.data is not None:
-        if not args.data.is_dir():
+    def run_loader(self) -> dict[str, Any]:
+        data = self.args.data
+        if not data.is_dir():
             raise SystemExit(
-                f"--data {args.data}: no such folder; make one with "
-                f"`iceaggr synth --out {args.data} --events 20000`"
+                f"--data {data}: no such folder; make one with "
+                f"`iceaggr synth --out {data} --events 20000`"
             )
-        loader_result = time_loader(args.data, cfg, batch_size, args.loader_batches)
-        loader_result["vs_step"] = []
-        for r in rows:
-            if r.attention == "packed" and r.batch_size == batch_size:
-                keeps_up = loader_result["batch_ms_mean"] <= r.step_ms
-                loader_result["vs_step"].append(
-                    dict(device=r.device, precision=r.precision, step_ms=r.step_ms,
-                         loader_over_step=loader_result["batch_ms_mean"] / r.step_ms,
-                         keeps_up=keeps_up)
-                )  # fmt: skip
+        result = time_loader(data, self.cfg, self.batch_size, self.args.loader_batches)
+        result["vs_step"] = [
+            dict(
+                device=r.device,
+                precision=r.precision,
+                step_ms=r.step_ms,
+                loader_over_step=result["batch_ms"] / r.step_ms,
+                keeps_up=result["batch_ms"] <= r.step_ms,
+            )
+            for r in self.rows
+            if r.attention == "packed" and r.batch_size == self.batch_size
+        ]
+        return result
 
-    say()
-    say(markdown_table(rows))
-    say()
-    for ratio in ratios:
-        say(ratio["line"])
-    for s in skipped:
-        say(s["line"])
-    for r in rows:
-        if r.flop_fraction_spec is not None and r.byte_fraction_spec is not None:
-            say(
-                f"vs assumed H200 ({r.device} {r.precision} {r.attention} batch {r.batch_size}): "
-                f"{100 * r.flop_fraction_spec:.2f}% of FLOP/s, "
-                f"{100 * r.byte_fraction_spec:.2f}% of bytes/s"
-            )
-    if loader_result is not None:
-        stats = loader_result["data_stats"]
-        say(
-            f"loader ({args.data}, batch {batch_size}, one thread): "
-            f"{loader_result['batch_ms_mean']:.1f} ms/batch mean (first "
-            f"{loader_result['batch_ms_first']:.1f} ms incl. file read), "
-            f"{loader_result['events_per_s']:,.0f} events/s; its batches: "
-            f"{stats['mean_pulses_per_event']:.1f} pulses, {stats['mean_doms_per_event']:.1f} "
-            f"DOMs per event, single-pulse fraction {stats['single_pulse_fraction']:.3f}"
+    # -------------------------------------------------------------------- the report
+
+    def describe_data(self) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+        """Print and return the length statistics and the per-event counts."""
+        args, trunc = self.args, self.trunc
+        pkd = self.packed_cfg
+        self.say(
+            f"model: {args.config} (d_model {pkd.d_model}, {pkd.dom_layers} DOM + "
+            f"{pkd.event_layers} event layers, {self.n_params:,} parameters), torch "
+            f"{torch.__version__}, {torch.get_num_threads()} CPU threads"
         )
-        for v in loader_result["vs_step"]:
-            say(
-                f"  vs {v['device']} {v['precision']} step {v['step_ms']:.1f} ms: loader/step = "
-                f"{v['loader_over_step']:.2f} -> "
-                + ("keeps up" if v["keeps_up"] else "does NOT keep up (data-bound)")
-            )
-    say(
-        f"peak MB: {'CUDA max_memory_allocated; ' if any(r.device == 'cuda' for r in rows) else ''}"
-        f"CPU {CpuPeakMemory().method}. Timing: {args.warmup} warm-up steps excluded, "
-        f"{args.repeats} repeats of {args.steps} steps, median (best in its own column)."
-    )
+        rng = np.random.default_rng([args.seed, 1])
+        sample = length_stats(*sample_lengths(20_000, rng, trunc))
+        self.say(
+            f"synthetic lengths (20,000 events, caps {trunc.max_pulses_per_event}/event, "
+            f"{trunc.max_pulses_per_dom}/DOM, {trunc.max_doms_per_event} DOMs/event): "
+            f"{sample['mean_pulses_per_event']:.1f} pulses and "
+            f"{sample['mean_doms_per_event']:.1f} hit DOMs per event, single-pulse DOM fraction "
+            f"{sample['single_pulse_fraction']:.3f}, pulses/event P50 "
+            f"{sample['pulses_per_event_p50']:.0f} P90 {sample['pulses_per_event_p90']:.0f} P99 "
+            f"{sample['pulses_per_event_p99']:.0f}, DOMs/event {sample['min_doms_per_event']}-"
+            f"{sample['max_doms_per_event']}, longest DOM {sample['max_pulses_per_dom']} pulses "
+            "(real data, DESIGN.md 3: ~109, ~65, ~0.78)"
+        )
+        main = self.pool(self.batch_size)
+        timed = batches_stats(main)
+        self.say(
+            f"timed batches ({args.steps} x {self.batch_size} events): "
+            f"{timed['mean_pulses_per_event']:.1f} pulses and {timed['mean_doms_per_event']:.1f}"
+            f" DOMs per event, single-pulse fraction {timed['single_pulse_fraction']:.3f}, "
+            f"longest DOM {timed['max_pulses_per_dom']} pulses, largest event "
+            f"{timed['max_doms_per_event']} DOMs"
+        )
+        per_event = {p: per_event_counts(pkd, main, self.n_params, p) for p in PRECISIONS}
+        fp32 = per_event["fp32"]
+        parts = ", ".join(f"{k} {v / 1e9:.4f}" for k, v in fp32["flops_breakdown"].items())
+        self.say(
+            f"per event, training step (fwd + bwd = 3x fwd), useful work: "
+            f"{fp32['flops'] / 1e9:.3f} GFLOP ({parts}); minimum bytes "
+            f"{fp32['bytes'] / 1e6:.2f} MB fp32, {per_event['bf16']['bytes'] / 1e6:.2f} MB bf16 "
+            f"(of which parameters + AdamW "
+            f"{fp32['bytes_breakdown']['parameters_optimizer'] / 1e6:.2f} MB at batch "
+            f"{self.batch_size})"
+        )
+        return sample, timed, per_event
 
-    doc: dict[str, Any] = {
-        "command": ["python", "benchmarks/throughput.py", *args.argv],
-        "config": str(args.config),
-        "model": {**asdict(packed_cfg), "parameters": n_params},
-        "batch_size": batch_size,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "quick": args.quick,
-        "seed": args.seed,
-        "torch": torch.__version__,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "synthetic_lengths": sample,
-        "timed_batches": timed,
-        "per_event": per_event,
-        "flop_count_rule": count_flops.__doc__,
-        "byte_count_rule": count_min_bytes.__doc__,
-        "h200_assumed": H200_SPEC,
-        "ceilings": [asdict(c) for c in ceilings],
-        "rows": [asdict(r) for r in rows],
-        "ratios": ratios,
-        "skipped": skipped,
-        "loader": loader_result,
-        "printed": out,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    return doc
+    def report(self, loader: dict[str, Any] | None) -> None:
+        self.say()
+        self.say(markdown_table(self.rows))
+        self.say()
+        for ratio in self.ratios:
+            self.say(ratio["line"])
+        for s in self.skipped:
+            self.say(s["line"])
+        for r in self.rows:
+            if r.flop_fraction_spec is not None and r.byte_fraction_spec is not None:
+                self.say(
+                    f"vs assumed H200 ({r.device} {r.precision} {r.attention} batch "
+                    f"{r.batch_size}): {100 * r.flop_fraction_spec:.2f}% of FLOP/s, "
+                    f"{100 * r.byte_fraction_spec:.2f}% of bytes/s"
+                )
+        if loader is not None:
+            stats = loader["data_stats"]
+            self.say(
+                f"loader ({loader['data']}, batch {loader['batch_size']}, one thread, no "
+                f"prefetch): {loader['batch_ms']:.1f} ms/batch = {loader['steady_batch_ms']:.1f} "
+                f"steady (CPU {loader['steady_batch_cpu_ms']:.1f}) + file read "
+                f"{loader['file_read_ms']:.0f} ms (CPU {loader['file_read_cpu_ms']:.0f}) amortized "
+                "over "
+                f"{loader['events_per_file']:,.0f} events/file; {loader['events_per_s']:,.0f} "
+                f"events/s; its batches: {stats['mean_pulses_per_event']:.1f} pulses, "
+                f"{stats['mean_doms_per_event']:.1f} DOMs per event, single-pulse fraction "
+                f"{stats['single_pulse_fraction']:.3f}"
+            )
+            for v in loader["vs_step"]:
+                verdict = "keeps up" if v["keeps_up"] else "does NOT keep up (data-bound)"
+                self.say(
+                    f"  vs {v['device']} {v['precision']} packed step {v['step_ms']:.1f} ms: "
+                    f"loader/step = {v['loader_over_step']:.2f} -> {verdict}"
+                )
+        cuda = "CUDA: max_memory_allocated; " if any(r.device == "cuda" for r in self.rows) else ""
+        self.say(
+            f"peak MB: {cuda}CPU: {CpuPeakMemory().method}. Timing: {self.args.warmup} warm-up "
+            f"step(s) excluded, {self.args.repeats} repeat(s) of {self.args.steps} step(s); "
+            "events/s and step ms are the median repeat."
+        )
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        sample, timed, per_event = self.describe_data()
+        for device in devices_for(args.device):
+            self.run_device(device)
+        loader = self.run_loader() if args.data is not None else None
+        self.report(loader)
+        doc: dict[str, Any] = {
+            "command": ["python", "benchmarks/throughput.py", *getattr(args, "argv", [])],
+            "config": str(args.config),
+            "model": {**asdict(self.packed_cfg), "parameters": self.n_params},
+            "batch_size": self.batch_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "seed": args.seed,
+            "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "synthetic_lengths": sample,
+            "timed_batches": timed,
+            "per_event": per_event,
+            "flop_count_rule": count_flops.__doc__,
+            "byte_count_rule": count_min_bytes.__doc__,
+            "h200_assumed": H200_SPEC,
+            "ceilings": [asdict(c) for c in self.ceilings],
+            "rows": [asdict(r) for r in self.rows],
+            "ratios": self.ratios,
+            "skipped": self.skipped,
+            "loader": loader,
+            "printed": self.printed,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return doc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
