@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
-ReportFn = Callable[[dict[str, float], int, "Path | None"], None]
-"""``report(metrics, step, checkpoint_dir_or_None)``, called every ``log_every`` steps."""
+ReportFn = Callable[[dict[str, float], int, "Path | None"], "bool | None"]
+"""``report(metrics, step, checkpoint_dir_or_None)``, called every ``log_every`` steps; a true
+return value asks the run to stop early (e.g. an early-stopping rule said so)."""
 
 
 @dataclass
@@ -90,6 +91,8 @@ class TrainResult:
     max_grad_norm: float = 0.0
     fixed_batch_loss_initial: float | None = None
     fixed_batch_loss_final: float | None = None
+    stopped_early: bool = False
+    """The report callback asked the run to stop before ``max_steps``."""
     val_angle: float | None = None
     """Mean angular error (rad) on the validation files: the competition metric."""
     input_audit: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -501,8 +504,11 @@ def train(
                             "config": to_dict(cfg),
                         },
                     )
-            if report is not None:
-                report(metrics, step, ckpt)
+            if report is not None and report(metrics, step, ckpt) and step < tc.max_steps:
+                result.steps = step
+                result.stopped_early = True
+                log.info("stopping early at step %d (asked by the report callback)", step)
+                break
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3g}")
         result.steps = step

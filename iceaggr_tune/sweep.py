@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,14 @@ from iceaggr.config import ExperimentConfig, baseline_config, debug_config, load
 from iceaggr.probe import PROBE_LRS, Cell, classify, write_table
 from iceaggr.tracking import RunLogger, absolute_tracking_uri
 from iceaggr_tune.cluster import REMOTE_STORAGE_SCHEMES, check_cluster_storage
+from iceaggr_tune.early_stop import create_board
 
 log = logging.getLogger(__name__)
 
 SWEEP_STATE = "sweep.json"
 OPTUNA_STUDY = "search"
+ASHA_REDUCTION_FACTOR = 2
+"""At each rung only the best half of the trials recorded so far continue."""
 
 
 def optuna_storage_url(sweep_dir: Path) -> str:
@@ -361,7 +365,6 @@ def run_search(
 ):
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from iceaggr_tune.trial import DIVERGED_PENALTY, METRIC, MODE
@@ -376,6 +379,13 @@ def run_search(
     cfg.train.checkpoint_every = opts.report_every
     cfg.data.max_val_events = opts.val_events
     settings = _settings(opts, cfg, "search", parent, tune_root)
+    n_reports = max(1, opts.search_steps // opts.report_every)
+    # Early stopping decided inside the trials (see iceaggr_tune.early_stop for why Tune's own
+    # ASHAScheduler, which kills trials, is not used with Ray Train V2).
+    settings.board = f"asha-{sweep_dir.name}-{uuid.uuid4().hex[:8]}"
+    board = create_board(
+        settings.board, min(opts.grace_reports, n_reports), ASHA_REDUCTION_FACTOR, n_reports
+    )
     trainable = _trainable(settings)
 
     # Warm start: the table's normalized learning rates, best first; exploded ones are
@@ -401,15 +411,6 @@ def run_search(
         points_to_evaluate=(evaluated + points) or None,
         evaluated_rewards=rewards or None,
     )
-    n_reports = max(1, opts.search_steps // opts.report_every)
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        metric=METRIC,
-        mode=MODE,
-        max_t=n_reports + 2,
-        grace_period=min(opts.grace_reports, n_reports),
-        reduction_factor=2,
-    )
     exp_dir = f"{tune_root}/search"
 
     def make():
@@ -421,7 +422,6 @@ def run_search(
             },
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                scheduler=scheduler,
                 num_samples=opts.trials,
                 max_concurrent_trials=max_concurrent_trials(opts),
                 trial_name_creator=search_trial_name,
@@ -436,6 +436,9 @@ def run_search(
         )
 
     results = _run_tuner(exp_dir, trainable, make, opts.resume)
+    import ray
+
+    ray.kill(board)
     best = None
     candidates = [
         r
@@ -453,7 +456,7 @@ def run_search(
             METRIC: float(r.metrics[METRIC]),
             "steps": int(r.metrics.get("step", 0)),
             "trial_id": r.metrics.get("trial_id"),
-            "stopped_early": not r.metrics.get("completed"),
+            "stopped_early": bool(r.metrics.get("stopped_early")),
         }
     return best, results, searcher
 
@@ -471,7 +474,7 @@ def _reporter(params: list[str]):
 
     return tune.CLIReporter(
         parameter_columns=params,
-        metric_columns=["step", "loss", "val_angle", "max_grad_norm", "diverged"],
+        metric_columns=["step", "loss", "val_angle", "max_grad_norm", "diverged", "stopped_early"],
         max_report_frequency=30,
     )
 

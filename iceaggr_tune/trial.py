@@ -36,6 +36,7 @@ from iceaggr.probe import cell_from_result
 from iceaggr.tracking import RunLogger
 from iceaggr.train import CHECKPOINT_NAME, train
 from iceaggr_tune import mlflow_runs
+from iceaggr_tune.early_stop import get_board
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class TrialSettings:
     """Steps between ``ray.train.report`` calls (MLflow gets every ``log_every`` step)."""
     max_failures: int = 1
     """Worker-group restarts (from the last checkpoint) before the trial errors."""
+    board: str | None = None
+    """Name of the sweep's early-stopping :class:`~iceaggr_tune.early_stop.RungBoard` actor."""
     worker_resources: dict[str, float] | None = None
     """Extra (custom) resources per worker, e.g. ``{"trainer": 1}`` to pin a node type."""
 
@@ -93,18 +96,27 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         resume = Path(ckpt.to_directory(str(work / "restored"))) / CHECKPOINT_NAME
         log.info("rank %d resumes from %s", rank, ckpt.path)
 
-    def report(metrics: dict[str, float], step: int, ckpt_dir: Path | None) -> None:
+    board = get_board(config["board"]) if config.get("board") else None
+    reports = 0
+
+    def report(metrics: dict[str, float], step: int, ckpt_dir: Path | None) -> bool:
+        nonlocal reports
         final = step >= cfg.train.max_steps
         if not (
             step % report_every == 0 or ckpt_dir is not None or final or metrics.get("diverged")
         ):
-            return
+            return False
         if metrics.get("diverged"):
             metrics = {**metrics, METRIC: DIVERGED_PENALTY}  # ASHA and Optuna read a number
         checkpoint = None
         if ckpt_dir is not None and rank == 0:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+        reports += 1
+        if board is None or METRIC not in metrics or final:
+            return False
+        # Every rank asks with the same key and gets the same answer, so all stop together.
+        return bool(ray.get(board.should_stop.remote(config["trial_id"], reports, metrics[METRIC])))
 
     if rank == 0 and config.get("mlflow_run_id") and cfg.train.mlflow_tracking_uri:
         # Which node trained this trial (drivers and workers may sit on different nodes).
@@ -129,6 +141,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "train_seconds": result.train_seconds,
             "max_grad_norm": result.max_grad_norm,
             "completed": 1.0,
+            "stopped_early": float(result.stopped_early),
         }
         if result.diverged is not None:
             summary |= {
@@ -204,6 +217,8 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
             "mlflow_run_id": run_id,
             "report_every": settings.report_every,
             "track_fixed_batch": settings.part == "table",
+            "board": settings.board,
+            "trial_id": trial_id,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.num_workers,
