@@ -4,6 +4,8 @@ iceaggr synth --out data/synthetic --events 50000
 iceaggr train experiments/baseline_1m/config_fixed.yaml --set train.max_steps=200
 iceaggr probe --data data/synthetic
 iceaggr linefit --data data/synthetic
+iceaggr mlflow-server                  # the MLflow UI on http://127.0.0.1:5000
+iceaggr mlflow-sync runs/sweeps/sweep-1/mlflow-spool --tracking-uri http://127.0.0.1:5000
 """
 
 from __future__ import annotations
@@ -81,6 +83,59 @@ def _linefit(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def mlflow_server_command(args: argparse.Namespace) -> list[str]:
+    """The ``mlflow server`` command line for ``iceaggr mlflow-server``."""
+    store = args.backend_store_uri
+    if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
+        store = "sqlite:///" + str(Path(store[len("sqlite:///") :]).resolve())
+    artifacts = str(Path(args.artifacts).resolve())
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--backend-store-uri",
+        store,
+        "--artifacts-destination",
+        artifacts,
+        "--workers",
+        str(args.workers),
+    ]
+
+
+def _mlflow_server(args: argparse.Namespace) -> int:
+    import os
+
+    if args.host not in LOOPBACK:
+        log.warning(
+            "MLflow listens on %s: every machine that reaches this address can read and write "
+            "runs (the server has no login). Do this only on a private network (a cluster's "
+            "VPC), never on an address the internet can reach.",
+            args.host,
+        )
+    cmd = mlflow_server_command(args)
+    print(" ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)  # the server replaces this process (signals reach it directly)
+    return 0  # pragma: no cover
+
+
+def _mlflow_sync(args: argparse.Namespace) -> int:
+    from iceaggr.tracking import redact_uri, sync_spool
+
+    sent = sync_spool(args.spool_dir, args.tracking_uri, wait_s=args.wait)
+    for run_id, n in sent.items():
+        print(f"run {run_id}: sent {n} records")
+    print(f"{len(sent)} spool file(s) sent to {redact_uri(args.tracking_uri)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iceaggr", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--data", default="data/synthetic")
     lf.add_argument("--max-events", type=int, default=None)
     lf.set_defaults(fn=_linefit)
+
+    ms = sub.add_parser(
+        "mlflow-server",
+        help="run an MLflow tracking server + UI for the sweep's store (127.0.0.1 by default)",
+    )
+    ms.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; reach it from "
+        "elsewhere through an SSH tunnel). Another address exposes the server to that network.",
+    )
+    ms.add_argument("--port", type=int, default=5000)
+    ms.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
+    ms.add_argument("--artifacts", default="mlartifacts", help="artifact folder")
+    ms.add_argument("--workers", type=int, default=2, help="server worker processes")
+    ms.set_defaults(fn=_mlflow_server)
+
+    sy = sub.add_parser(
+        "mlflow-sync", help="send MLflow records that a process could not deliver (spool files)"
+    )
+    sy.add_argument("spool_dir", help="folder holding mlflow-spool-<run id>.jsonl files")
+    sy.add_argument("--tracking-uri", required=True)
+    sy.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the server")
+    sy.set_defaults(fn=_mlflow_sync)
     return p
 
 

@@ -105,6 +105,11 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = None
     """Log params and metric histories to MLflow when set (e.g. ``sqlite:///mlflow.db``)."""
     mlflow_experiment: str = "iceaggr"
+    mlflow_spool_dir: str | None = None
+    """Records MLflow could not take yet are also written here (default: the checkpoint folder);
+    a shared folder lets a restarted worker on another node send them."""
+    mlflow_wait_s: float = 1800.0
+    """How long the end of a run waits for an unreachable MLflow server before giving up."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -119,6 +124,7 @@ class TrainConfig:
             "log_every": self.log_every >= 1,
             "eval_every": self.eval_every >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
+            "mlflow_wait_s": self.mlflow_wait_s >= 0,
         }
         for name, ok in checks.items():
             if not ok:

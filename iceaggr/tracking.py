@@ -1,13 +1,22 @@
 """MLflow records for one training run, robust to a tracking server that goes away.
 
-The trainer logs through :class:`RunLogger`, which wraps ``MlflowClient`` with an
-explicit run id (no global ``mlflow.start_run`` state, so several runs can be
-written from one process and a Ray worker can write to a run its driver made).
+Two pieces:
 
-Metrics are buffered and flushed with ``log_batch``. When the server cannot be
-reached the logger warns once, keeps the metrics in memory (and in a JSON-lines
-spool file when ``spool_dir`` is given) and sends them, in step order, once the
-server answers again, so a server outage loses nothing.
+* :class:`PatientClient` wraps ``MlflowClient``: a call that cannot reach the server
+  (connection refused, timeout, 5xx) is retried every few seconds, with a warning, until
+  the server answers or ``wait_s`` runs out. The sweep driver and the trial drivers use it,
+  so a restarted or briefly unreachable server delays bookkeeping instead of failing trials.
+* :class:`RunLogger` is what the trainer logs through. It never blocks training: params,
+  tags and metrics go into an ordered queue (and into a JSON-lines spool file when
+  ``spool_dir`` is given), a send is tried at each report and, while the server is down,
+  at most every ``RETRY_MAX_S`` seconds. The queue is sent in order once the server is back;
+  :meth:`RunLogger.terminate` waits for it (up to ``wait_s``). If the process dies first,
+  the next logger on the same run and spool folder (a restarted Ray Train worker) sends
+  what the spool holds, or ``iceaggr mlflow-sync`` does.
+
+A run written before (a resumed or restarted trial) already holds its curve up to some
+step; the logger learns that step from the server at first contact and drops metrics at or
+below it, so a metric history has neither gaps nor duplicated steps.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,20 @@ MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
 # The metric every training report carries; its last step marks how far a run was logged.
 RESUME_MARKER_METRIC = "loss"
 
+DEFAULT_WAIT_S = 1800.0
+"""How long a blocking MLflow call waits for an unreachable server before it gives up."""
+RETRY_EVERY_S = 5.0
+"""Pause between attempts of a blocking call."""
+RETRY_MAX_S = 30.0
+"""Longest pause between the non-blocking send attempts of a :class:`RunLogger`."""
+REMIND_EVERY_S = 300.0
+"""While the server stays down, a reminder is logged this often."""
+SPOOL_PREFIX = "mlflow-spool-"
+
+
+class MlflowUnreachable(RuntimeError):
+    """The tracking server did not answer within the allowed wait."""
+
 
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` made absolute (Ray workers run in other folders)."""
@@ -39,6 +64,61 @@ def absolute_tracking_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def redact_uri(uri: str) -> str:
+    """``http://user:secret@host`` -> ``http://***@host`` (for logs and params)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return uri
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "api_key", "apikey")
+
+
+def redact_params(flat: dict[str, Any]) -> dict[str, Any]:
+    """Params safe to record: URI credentials and secret-looking keys replaced by ``***``."""
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        if any(w in k.lower() for w in SECRET_WORDS):
+            out[k] = "***"
+        elif isinstance(v, str):
+            out[k] = redact_uri(v)
+        else:
+            out[k] = v
+    return out
+
+
+def configure_mlflow_http() -> None:
+    """Short HTTP retries inside MLflow; the waiting is done here, with warnings.
+
+    MLflow's own default (7 retries, backoff factor 2) stalls one call for minutes while
+    the server is down. Values the user set in the environment are kept.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """True for errors that mean "the server is not answering now" (worth a retry)."""
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    try:
+        import requests
+
+        if isinstance(err, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        pass
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        msg = str(err)
+        # Connection-level failures, and 5xx answers of a server that is (re)starting.
+        return "failed with exception" in msg or "failed with error code 5" in msg
+    return False
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -53,13 +133,83 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class PatientClient:
+    """An ``MlflowClient`` whose calls wait out a server outage (up to ``wait_s``)."""
+
+    def __init__(self, tracking_uri: str, wait_s: float = DEFAULT_WAIT_S) -> None:
+        from mlflow.tracking import MlflowClient
+
+        configure_mlflow_http()
+        self.tracking_uri = tracking_uri
+        self.wait_s = float(wait_s)
+        self.raw = MlflowClient(tracking_uri=tracking_uri)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.raw, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.call(name, attr, *args, **kwargs)
+
+        return call
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        last_warn = None
+        while True:
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                now = time.monotonic()
+                waited = now - start
+                if waited >= self.wait_s:
+                    raise MlflowUnreachable(
+                        f"MLflow at {redact_uri(self.tracking_uri)} did not answer {what} for "
+                        f"{waited:.0f} s ({type(err).__name__}: {str(err)[:300]}). Check that "
+                        f"the tracking server runs and is reachable from this node."
+                    ) from err
+                if last_warn is None or now - last_warn >= 60:
+                    log.warning(
+                        "MLflow at %s is unreachable (%s); %s waits for it, retrying every "
+                        "%.0f s for up to %.0f s more",
+                        redact_uri(self.tracking_uri),
+                        _short(err),
+                        what,
+                        RETRY_EVERY_S,
+                        self.wait_s - waited,
+                    )
+                    last_warn = now
+                time.sleep(min(RETRY_EVERY_S, max(0.0, self.wait_s - waited)))
+                continue
+            if last_warn is not None:
+                log.warning(
+                    "MLflow at %s answers again (%s went through after %.0f s)",
+                    redact_uri(self.tracking_uri),
+                    what,
+                    time.monotonic() - start,
+                )
+            return out
+
+
+def _short(err: BaseException) -> str:
+    msg = str(err)
+    if "Connection refused" in msg:
+        return "connection refused"
+    return f"{type(err).__name__}: {msg[:160]}"
+
+
 def get_or_create_experiment(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
         return client.create_experiment(name)
-    except Exception:  # created concurrently by another process
+    except Exception as err:  # created concurrently by another process
+        if is_unreachable(err):
+            raise
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
@@ -67,7 +217,7 @@ def get_or_create_experiment(client: Any, name: str) -> str:
 
 
 class RunLogger:
-    """Writes params, metrics and the final status of one MLflow run."""
+    """Writes params, tags, metrics and the final status of one MLflow run."""
 
     def __init__(
         self,
@@ -78,98 +228,222 @@ class RunLogger:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         spool_dir: str | Path | None = None,
+        wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = PatientClient(tracking_uri, wait_s)
         self.tracking_uri = tracking_uri
-        if run_id is None:
+        if run_id is None:  # a run of its own: made now (waits for the server if needed)
             exp_id = get_or_create_experiment(self.client, experiment)
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
             run_id = run.info.run_id
         self.run_id = run_id
-        # A run written before (a resumed or restarted trial) already holds the curve up to
-        # some step; steps up to it are not logged again, so the history has no duplicates.
-        self._logged_upto = max(
-            (m.step for m in self.client.get_metric_history(run_id, RESUME_MARKER_METRIC)),
-            default=-1,
-        )
-        self._pending: list[tuple[str, float, int, int]] = []
-        self._warned = False
-        self._spool = Path(spool_dir) / f"mlflow-spool-{run_id}.jsonl" if spool_dir else None
+        # Learned from the server at first contact (None: not yet).
+        self._logged_upto: int | None = None
+        self._params_on_server: set[str] | None = None
+        self._queued_upto = -1  # last step of the marker metric in the queue
+        self._ops: list[tuple[str, Any]] = []
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._backoff = 1.0
+        self._last_remind = 0.0
+        self._spool = Path(spool_dir) / f"{SPOOL_PREFIX}{run_id}.jsonl" if spool_dir else None
         if self._spool is not None and self._spool.exists():
-            for line in self._spool.read_text().splitlines():
-                k, v, ts, step = json.loads(line)
-                self._pending.append((k, v, ts, step))
+            lines = self._spool.read_text().splitlines()
+            for line in lines:
+                try:
+                    kind, payload = json.loads(line)
+                except ValueError:  # a line cut short by a killed process
+                    continue
+                if kind == "metric":
+                    payload = tuple(payload)
+                    if payload[0] == RESUME_MARKER_METRIC:
+                        self._queued_upto = max(self._queued_upto, int(payload[3]))
+                self._ops.append((kind, payload))
+            log.info(
+                "MLflow run %s: %d queued records from %s", run_id, len(self._ops), self._spool
+            )
 
-    # ---------------------------------------------------------------- params, tags
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    @property
+    def pending(self) -> int:
+        """Records not yet sent."""
+        return len(self._ops)
 
-        flat = flatten(params)
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(flat.items())]
-        existing = self.client.get_run(self.run_id).data.params
-        items = [p for p in items if p.key not in existing]  # resuming: params are immutable
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
-
-    # ---------------------------------------------------------------- metrics
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step`` (non-finite values are kept: MLflow stores NaN)."""
-        if step <= self._logged_upto:
-            return
-        ts = int(time.time() * 1000)
-        new = [(k, float(v), ts, int(step)) for k, v in metrics.items()]
-        self._pending.extend(new)
+    # ---------------------------------------------------------------- queueing
+    def _queue(self, items: list[tuple[str, Any]]) -> None:
+        self._ops.extend(items)
         if self._spool is not None:
             self._spool.parent.mkdir(parents=True, exist_ok=True)
             with self._spool.open("a") as f:
-                for item in new:
+                for item in items:
                     f.write(json.dumps(item) + "\n")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = redact_params(flatten(params))
+        items = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in sorted(flat.items())}
+        self._queue([("params", items)])
         self.flush()
 
-    def flush(self) -> bool:
-        """Send queued metrics; returns False (and keeps them) when the server is unreachable."""
-        from mlflow.entities import Metric
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._queue([("tags", {k: str(v) for k, v in tags.items()})])
+        self.flush()
 
-        if not self._pending:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step`` and try to send (non-finite values are kept as NaN)."""
+        if step <= self._queued_upto or (
+            self._logged_upto is not None and step <= self._logged_upto
+        ):
+            return
+        ts = int(time.time() * 1000)
+        self._queue([("metric", (k, float(v), ts, int(step))) for k, v in metrics.items()])
+        if RESUME_MARKER_METRIC in metrics:
+            self._queued_upto = int(step)
+        self.flush()
+
+    # ---------------------------------------------------------------- sending
+    def _send(self) -> None:
+        """Send the queue in order; raises on the first failure (the rest stays queued)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        raw = self.client.raw
+        if self._logged_upto is None:
+            history = raw.get_metric_history(self.run_id, RESUME_MARKER_METRIC)
+            self._logged_upto = max((m.step for m in history), default=-1)
+        if self._params_on_server is None:
+            self._params_on_server = set(raw.get_run(self.run_id).data.params)
+        while self._ops:
+            kind, payload = self._ops[0]
+            if kind == "metric":
+                n = 0
+                while n < len(self._ops) and self._ops[n][0] == "metric":
+                    # Cut chunks between steps only: a step is sent whole or not at all.
+                    if n >= 1000 and self._ops[n][1][3] != self._ops[n - 1][1][3]:
+                        break
+                    n += 1
+                chunk = [p for _, p in self._ops[:n] if int(p[3]) > self._logged_upto]
+                if chunk:
+                    raw.log_batch(
+                        self.run_id,
+                        metrics=[
+                            Metric(k, v if math.isfinite(v) else float("nan"), ts, step)
+                            for k, v, ts, step in chunk
+                        ],
+                    )
+                    marker = [int(p[3]) for p in chunk if p[0] == RESUME_MARKER_METRIC]
+                    if marker:
+                        self._logged_upto = max(self._logged_upto, max(marker))
+                del self._ops[:n]
+            elif kind == "params":
+                # Params are immutable: a resumed run keeps the values it has.
+                new = [Param(k, v) for k, v in payload.items() if k not in self._params_on_server]
+                for i in range(0, len(new), 100):
+                    raw.log_batch(self.run_id, params=new[i : i + 100])
+                    self._params_on_server.update(p.key for p in new[i : i + 100])
+                del self._ops[0]
+            elif kind == "tags":
+                raw.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in payload.items()])
+                del self._ops[0]
+            else:  # pragma: no cover - only the kinds above are queued
+                raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+    def flush(self, block: bool = False) -> bool:
+        """Send what is queued. Returns False (keeping it) when the server is unreachable.
+
+        Non-blocking by default: while the server is down an attempt is made at most every
+        few seconds (backing off to ``RETRY_MAX_S``). ``block=True`` waits up to ``wait_s``.
+        """
+        start = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if not self._ops and self._logged_upto is not None:
+                return True
+            if not block and self._down_since is not None and now < self._next_try:
+                return False
+            try:
+                self._send()
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                self._note_down(err, now)
+                if not block:
+                    return False
+                if now - start >= self.client.wait_s:
+                    log.error(
+                        "MLflow at %s stayed unreachable for %.0f s; %d records of run %s are "
+                        "not sent%s",
+                        redact_uri(self.tracking_uri),
+                        now - start,
+                        len(self._ops),
+                        self.run_id,
+                        f" (kept in {self._spool}; send them later with `iceaggr mlflow-sync "
+                        f"{self._spool.parent} --tracking-uri URI`)"
+                        if self._spool
+                        else " and are lost",
+                    )
+                    return False
+                time.sleep(RETRY_EVERY_S)
+                continue
+            self._note_up()
             return True
-        try:
-            for i in range(0, len(self._pending), 500):
-                chunk = self._pending[i : i + 500]
-                metrics = [
-                    Metric(k, v if math.isfinite(v) else float("nan"), ts, step)
-                    for k, v, ts, step in chunk
-                ]
-                self.client.log_batch(self.run_id, metrics=metrics)
-        except Exception as err:  # connection refused, 5xx, timeouts...
-            if not self._warned:
-                log.warning(
-                    "MLflow at %s is unreachable (%s); keeping %d metric values and retrying "
-                    "at the next report. Nothing is lost while this process lives%s.",
-                    self.tracking_uri,
-                    type(err).__name__,
-                    len(self._pending),
-                    f" (spooled to {self._spool})" if self._spool else "",
-                )
-                self._warned = True
-            return False
-        if self._warned:
-            log.warning("MLflow at %s is back; sent the queued metrics.", self.tracking_uri)
-            self._warned = False
-        self._pending.clear()
+
+    def _note_down(self, err: BaseException, now: float) -> None:
+        if self._down_since is None:
+            self._down_since = now
+            self._backoff = 1.0
+            self._last_remind = now
+            log.warning(
+                "MLflow at %s is unreachable (%s); training goes on and %d records of run %s "
+                "are held%s until it is back",
+                redact_uri(self.tracking_uri),
+                _short(err),
+                len(self._ops),
+                self.run_id,
+                f" (also in {self._spool})" if self._spool else "",
+            )
+        elif now - self._last_remind >= REMIND_EVERY_S:
+            self._last_remind = now
+            log.warning(
+                "MLflow at %s still unreachable after %.0f s; %d records of run %s held",
+                redact_uri(self.tracking_uri),
+                now - self._down_since,
+                len(self._ops),
+                self.run_id,
+            )
+        self._next_try = now + self._backoff
+        self._backoff = min(RETRY_MAX_S, self._backoff * 2)
+
+    def _note_up(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "MLflow at %s is back after %.0f s; the held records of run %s are sent",
+                redact_uri(self.tracking_uri),
+                time.monotonic() - self._down_since,
+                self.run_id,
+            )
+            self._down_since = None
         if self._spool is not None and self._spool.exists():
             self._spool.unlink()
-        return True
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def terminate(self, status: str = "FINISHED") -> None:
         """End the run (FINISHED, FAILED or KILLED) after sending what is queued."""
-        self.flush()
+        if not self.flush(block=True):
+            raise MlflowUnreachable(
+                f"MLflow at {redact_uri(self.tracking_uri)} did not take the records of run "
+                f"{self.run_id}; the run is left open"
+            )
         self.client.set_terminated(self.run_id, status=status)
+
+
+def sync_spool(spool_dir: str | Path, tracking_uri: str, wait_s: float = 60.0) -> dict[str, int]:
+    """Send every spool file under ``spool_dir`` (records a dead process could not send)."""
+    sent: dict[str, int] = {}
+    for path in sorted(Path(spool_dir).glob(f"{SPOOL_PREFIX}*.jsonl")):
+        run_id = path.name[len(SPOOL_PREFIX) : -len(".jsonl")]
+        logger = RunLogger(tracking_uri, run_id=run_id, spool_dir=path.parent, wait_s=wait_s)
+        n = logger.pending
+        if not logger.flush(block=True):
+            raise MlflowUnreachable(f"could not send {path} to {redact_uri(tracking_uri)}")
+        sent[run_id] = n
+    return sent

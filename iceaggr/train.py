@@ -222,6 +222,7 @@ def train(
     resume_from: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     mlflow_run_id: str | None = None,
+    mlflow_tags: dict[str, str] | None = None,
     track_fixed_batch: bool = False,
     progress: bool = True,
 ) -> TrainResult:
@@ -311,8 +312,14 @@ def train(
             run_id=mlflow_run_id,
             experiment=tc.mlflow_experiment,
             run_name=cfg.name,
-            spool_dir=ckpt_dir,
+            spool_dir=tc.mlflow_spool_dir or ckpt_dir,
+            wait_s=tc.mlflow_wait_s,
         )
+        tags = dict(mlflow_tags or {})
+        if start_step > 0:  # a resumed run says from where (its curve continues from there)
+            tags["resumed_from_step"] = str(start_step)
+        if tags:
+            mlog.set_tags(tags)
         mlog.log_params({**to_dict(cfg), "world_size": world_size})
 
     stream = _cycle_epochs(loader, epoch, batch_in_epoch)
@@ -526,7 +533,7 @@ def train(
         if mlflow_run_id is None:  # a run this function made; otherwise its owner ends it
             mlog.terminate("FAILED" if result.diverged else "FINISHED")
         else:
-            mlog.flush()
+            mlog.flush(block=True)  # the owner ends the run; the records must be there first
     return result
 
 

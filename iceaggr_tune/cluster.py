@@ -83,3 +83,55 @@ def check_cluster_storage(tracking_uri: str, storage_path: str) -> int:
         )
     log.info("storage %s is visible from all %d nodes", root, len(nodes))
     return len(nodes)
+
+
+def dashboard_url() -> str | None:
+    """``http://host:port`` of the connected cluster's dashboard (None: it has none)."""
+    from ray._private.worker import global_worker
+
+    node = getattr(global_worker, "node", None)
+    url = (getattr(node, "address_info", None) or {}).get("webui_url") if node else None
+    return f"http://{url}" if url else None
+
+
+def rejects_anonymous_requests(url: str) -> bool:
+    """True when the dashboard answers a request without the Ray token with 401/403."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=10):
+            return False
+    except urllib.error.HTTPError as err:
+        return err.code in (401, 403)
+
+
+def check_ray_auth(allow_unauthenticated: bool = False) -> bool | None:
+    """Refuse to run on a Ray cluster that accepts anyone: Ray's token authentication.
+
+    Ray without token authentication runs any job that anyone who reaches its ports submits.
+    The check asks the cluster's dashboard for ``/api/version`` without the token: a cluster
+    with token authentication answers 401. Returns True (enforced), False (not enforced and
+    allowed by ``allow_unauthenticated``) or None (no dashboard to ask; a warning is logged).
+    """
+    url = dashboard_url()
+    if url is None:
+        log.warning(
+            "this Ray cluster has no dashboard, so the sweep cannot check that it enforces "
+            "token authentication; make sure it was started with RAY_AUTH_MODE=token"
+        )
+        return None
+    if rejects_anonymous_requests(url):
+        return True
+    message = (
+        f"the Ray cluster at {url} answers requests without a token: its token "
+        f"authentication is off, so anyone who reaches its ports can run code on it. Start it "
+        f"with RAY_AUTH_MODE=token (cluster.yaml does; run `ray get-auth-token --generate` "
+        f"before `ray up`), and export RAY_AUTH_MODE=token where the sweep runs"
+    )
+    if not allow_unauthenticated:
+        raise ClusterConfigError(
+            message + ", or pass --allow-unauthenticated-ray on a trusted, isolated network."
+        )
+    log.warning("%s (allowed by --allow-unauthenticated-ray)", message)
+    return False

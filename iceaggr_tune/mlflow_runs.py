@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
-from iceaggr.tracking import TAG_PARENT, get_or_create_experiment
+from iceaggr.tracking import DEFAULT_WAIT_S, TAG_PARENT, PatientClient, get_or_create_experiment
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +24,9 @@ TAG_DRIVER_NODE = "driver_node_id"
 TAG_WORKER_NODE = "worker_node_id"  # the Ray node of the rank-0 training worker
 
 
-def client_for(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+def client_for(uri: str, wait_s: float = DEFAULT_WAIT_S) -> PatientClient:
+    """A client whose calls wait out a tracking-server outage (with warnings)."""
+    return PatientClient(uri, wait_s)
 
 
 def find_or_create_parent(uri: str, experiment: str, sweep_name: str) -> str:
@@ -55,9 +54,10 @@ def find_or_create_child(
     trial_id: str,
     run_name: str,
     tags: dict[str, str],
+    wait_s: float = DEFAULT_WAIT_S,
 ) -> str:
     """The trial's child run; a resumed trial gets its earlier run back (status RUNNING)."""
-    client = client_for(uri)
+    client = client_for(uri, wait_s)
     parent = client.get_run(parent_run_id)
     exp_id = parent.info.experiment_id
     found = client.search_runs(

@@ -32,9 +32,11 @@ from typing import Any
 
 from iceaggr.config import ExperimentConfig, baseline_config, debug_config, load_config, to_dict
 from iceaggr.probe import PROBE_LRS, Cell, classify, write_table
-from iceaggr.tracking import RunLogger, absolute_tracking_uri
-from iceaggr_tune.cluster import REMOTE_STORAGE_SCHEMES, check_cluster_storage
+from iceaggr.tracking import RunLogger, absolute_tracking_uri, sync_spool
+from iceaggr_tune.cluster import REMOTE_STORAGE_SCHEMES, check_cluster_storage, check_ray_auth
 from iceaggr_tune.early_stop import create_board
+from iceaggr_tune.mlflow_watch import MlflowWatch
+from iceaggr_tune.plots import loss_histories, plot_loss_curves, plot_stability_table
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,12 @@ class SweepOptions:
     max_concurrent: int | None = None
     """Trials at once; default: what the cluster's CPUs/GPUs allow."""
     max_failures: int = 1
+    """Worker-group restarts of a trial (from its last checkpoint) before it errors."""
+    mlflow_wait_s: float = 1800.0
+    """How long MLflow bookkeeping waits for an unreachable tracking server (training goes on
+    meanwhile; its records are held and sent when the server is back)."""
+    allow_unauthenticated_ray: bool = False
+    """Run on a Ray cluster without token authentication (refused by default)."""
     seed: int = 0
     resume: bool = False
     smoke_test: bool = False
@@ -249,7 +257,13 @@ def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str
         report_every=opts.report_every,
         max_failures=opts.max_failures,
         worker_resources=dict(opts.worker_resources),
+        mlflow_wait_s=opts.mlflow_wait_s,
+        mlflow_spool_dir=None if remote_path(tune_root) else f"{tune_root}/mlflow-spool",
     )
+
+
+def remote_path(path: str) -> bool:
+    return path.startswith(REMOTE_STORAGE_SCHEMES)
 
 
 def _trainable(settings: Any):
@@ -536,6 +550,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     ensure_data(opts)
     base = base_experiment(opts)
     init_ray(opts)
+    check_ray_auth(opts.allow_unauthenticated_ray)  # before anything runs on the cluster
     check_cluster_storage(opts.tracking_uri, opts.storage_path)  # before any trial starts
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if opts.resume:
@@ -557,8 +572,11 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
                 default=str,
             )
         )
-    plog = RunLogger(opts.tracking_uri, run_id=parent)
+    plog = RunLogger(opts.tracking_uri, run_id=parent, wait_s=opts.mlflow_wait_s)
     plog.log_params({"sweep": {k: v for k, v in asdict(opts).items() if k not in ("resume",)}})
+    spool_dir = None if remote else sweep_dir / "mlflow-spool"
+    watch = MlflowWatch(opts.tracking_uri)
+    watch.start()
     result = SweepResult(name=name, parent_run_id=parent)
     status = "FAILED"
     try:
@@ -579,8 +597,11 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
                     "sweep": name,
                 },
             )
-            plog.log_artifact(md)
-            plog.log_artifact(js)
+            png = plot_stability_table(
+                cells, sweep_dir / "stability_table.png", {"steps": opts.table_steps, "sweep": name}
+            )
+            for path in (md, js, png):
+                plog.log_artifact(path)
         if opts.search and not result.interrupted:
             import copy
 
@@ -604,7 +625,41 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         result.interrupted = True
         raise
     finally:
+        if spool_dir is not None:
+            _sync_left_over_records(spool_dir, opts.tracking_uri)
         mlflow_runs.close_running(opts.tracking_uri, parent, "KILLED")
+        _log_loss_curves(opts.tracking_uri, parent, plog, sweep_dir, name)
         plog.terminate(status)
+        watch.stop()
         result.wall_seconds = time.time() - t0
     return result
+
+
+def _sync_left_over_records(spool_dir: Path, uri: str) -> None:
+    """Send records that trial processes which died could not deliver to MLflow."""
+    if not spool_dir.exists():
+        return
+    try:
+        sent = sync_spool(spool_dir, uri)
+    except Exception as err:
+        log.error("could not send MLflow records left in %s: %s", spool_dir, err)
+        return
+    if sent:
+        log.warning(
+            "sent MLflow records that ended trial processes had left in %s: %s", spool_dir, sent
+        )
+
+
+def _log_loss_curves(uri: str, parent: str, plog: RunLogger, sweep_dir: Path, name: str) -> None:
+    """``loss_curves.png`` of every trial on the parent run (a failure here only warns)."""
+    from iceaggr_tune import mlflow_runs
+
+    try:
+        client = mlflow_runs.client_for(uri)
+        curves = loss_histories(client, mlflow_runs.child_runs(uri, parent))
+        if not curves:
+            return
+        png = plot_loss_curves(curves, sweep_dir / "loss_curves.png", f"sweep {name}: loss curves")
+        plog.log_artifact(png)
+    except Exception as err:
+        log.warning("could not draw or log loss_curves.png: %s", err)

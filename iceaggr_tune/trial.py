@@ -70,6 +70,10 @@ class TrialSettings:
     """Name of the sweep's early-stopping :class:`~iceaggr_tune.early_stop.RungBoard` actor."""
     worker_resources: dict[str, float] | None = None
     """Extra (custom) resources per worker, e.g. ``{"trainer": 1}`` to pin a node type."""
+    mlflow_wait_s: float = 1800.0
+    """How long MLflow bookkeeping waits for an unreachable tracking server."""
+    mlflow_spool_dir: str | None = None
+    """Shared folder for MLflow records a worker could not send yet (None: per checkpoint)."""
 
 
 def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentConfig:
@@ -118,11 +122,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # Every rank asks with the same key and gets the same answer, so all stop together.
         return bool(ray.get(board.should_stop.remote(config["trial_id"], reports, metrics[METRIC])))
 
-    if rank == 0 and config.get("mlflow_run_id") and cfg.train.mlflow_tracking_uri:
-        # Which node trained this trial (drivers and workers may sit on different nodes).
-        RunLogger(cfg.train.mlflow_tracking_uri, run_id=config["mlflow_run_id"]).set_tags(
-            {mlflow_runs.TAG_WORKER_NODE: ray.get_runtime_context().get_node_id()}
-        )
     try:
         result = train(
             cfg,
@@ -133,6 +132,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             resume_from=resume,
             checkpoint_dir=work / "ckpt",
             mlflow_run_id=config.get("mlflow_run_id"),
+            # Which node trained this trial (drivers and workers may sit on different nodes).
+            mlflow_tags={mlflow_runs.TAG_WORKER_NODE: ray.get_runtime_context().get_node_id()},
             track_fixed_batch=bool(config.get("track_fixed_batch")),
             progress=False,
         )
@@ -192,8 +193,9 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
             mlflow_runs.TAG_NODE: ray.util.get_node_ip_address(),
             mlflow_runs.TAG_DRIVER_NODE: ray.get_runtime_context().get_node_id(),
         },
+        wait_s=settings.mlflow_wait_s,
     )
-    mlog = RunLogger(settings.tracking_uri, run_id=run_id)
+    mlog = RunLogger(settings.tracking_uri, run_id=run_id, wait_s=settings.mlflow_wait_s)
     mlog.log_params(
         {
             "lr": cfg.train.lr,
@@ -206,6 +208,8 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
         }
     )
     cfg.train.mlflow_tracking_uri = settings.tracking_uri
+    cfg.train.mlflow_wait_s = settings.mlflow_wait_s
+    cfg.train.mlflow_spool_dir = settings.mlflow_spool_dir
     resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
     resources.update(settings.worker_resources or {})
     if settings.use_gpu:
@@ -235,8 +239,11 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
     try:
         result = trainer.fit()
     except BaseException as err:
-        mlog.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
-        mlog.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        try:
+            mlog.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+            mlog.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        except Exception as mlflow_err:  # keep the training error, not the bookkeeping one
+            log.error("could not mark MLflow run %s ended: %s", run_id, mlflow_err)
         raise
     del result  # Train V2 keeps only checkpointed metrics there; the run's tags say it all
     # Rank 0 tagged the run when its divergence guard fired.

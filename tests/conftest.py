@@ -7,6 +7,7 @@ once per test session.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,3 +44,88 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1, started with ``iceaggr mlflow-server``.
+
+    It can be stopped (killed, as a crash would) and started again on the same port and
+    store, to test what a tracking-server outage does to training and the sweep.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        import socket
+
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120.0) -> str:
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.starts += 1
+        log = (self.root / f"server-{self.starts}.log").open("w")
+        cmd = [
+            sys.executable,
+            "-m",
+            "iceaggr.cli",
+            "mlflow-server",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts",
+            str(self.root / "artifacts"),
+            "--workers",
+            "1",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ)
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.url
+            except OSError:
+                time.sleep(0.5)
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError("mlflow server did not come up: " + self.log_text())
+
+    def log_text(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.root.glob("server-*.log")))
+
+    def stop(self) -> None:
+        """Kill the server and every process it started (as a crash or a reboot would)."""
+        import os
+        import signal
+
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow server for the module (tests may stop and restart it)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()

@@ -77,6 +77,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=AMOUNT",
         help="custom Ray resource each training worker needs (repeatable), e.g. trainer=1",
     )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        help="worker-group restarts per trial, each from its last checkpoint (default 1)",
+    )
+    p.add_argument(
+        "--mlflow-wait",
+        type=float,
+        help="seconds MLflow bookkeeping waits for an unreachable tracking server (default "
+        "1800); training goes on meanwhile and its metrics are sent when the server is back",
+    )
+    p.add_argument(
+        "--allow-unauthenticated-ray",
+        action="store_true",
+        help="run on a Ray cluster without token authentication (refused by default)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--smoke-test", action="store_true", help="the whole path at toy size")
@@ -87,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from iceaggr.logs import setup_logging
     from iceaggr.probe import format_table
+    from iceaggr.tracking import redact_uri
+    from iceaggr_tune.cluster import ClusterConfigError
     from iceaggr_tune.sweep import SweepOptions, run_sweep
 
     setup_logging()
@@ -115,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpus_per_worker": args.gpus_per_worker,
         "max_concurrent": args.max_concurrent,
         "seed": args.seed,
+        "max_failures": args.max_failures,
+        "mlflow_wait_s": args.mlflow_wait,
     }
     kw = {k: v for k, v in mapping.items() if v is not None}
     try:
@@ -133,13 +153,18 @@ def main(argv: list[str] | None = None) -> int:
         search=not args.table_only,
         resume=args.resume,
         model_overrides=args.set,
+        allow_unauthenticated_ray=args.allow_unauthenticated_ray,
     )
     try:
         opts = SweepOptions.smoke(**kw) if args.smoke_test else SweepOptions(**kw)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = run_sweep(opts)
+    try:
+        result = run_sweep(opts)
+    except ClusterConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print()
     if result.table is not None:
         print(f"## Stability table ({opts.table_steps} steps, batch {opts.table_batch_size})\n")
@@ -161,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         f"\nsweep {result.name}: {result.wall_seconds:.0f} s; "
-        f"MLflow parent run {result.parent_run_id} at {opts.tracking_uri}"
+        f"MLflow parent run {result.parent_run_id} at {redact_uri(opts.tracking_uri)}"
     )
     if args.json:
         with open(args.json, "w") as f:

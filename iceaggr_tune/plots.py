@@ -1,0 +1,176 @@
+"""Pictures of a sweep, logged as artifacts of its MLflow parent run.
+
+* ``loss_curves.png``: the training-loss curve of every trial, read back from MLflow; the
+  stability table's cells on the left (colour = learning rate, dashed = raw inputs), the
+  Optuna trials on the right; a diverged trial ends in a red cross at the step its guard
+  fired, an early-stopped one in a grey dot.
+* ``stability_table.png``: the table as a coloured grid (green ✅, amber ⚠️, red ❌), so
+  the result can be read at a glance in the MLflow UI.
+
+Matplotlib's Agg backend draws them; no display is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from iceaggr.probe import Cell
+
+STATUS_COLOUR = {
+    "ok": "#c8e6c9",
+    "warn": "#ffe0b2",
+    "no_decrease": "#ffcdd2",
+    "explodes": "#ef9a9a",
+}
+STATUS_WORD = {"ok": "OK", "warn": "WARN", "no_decrease": "NO DECREASE", "explodes": "EXPLODES"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_histories(client: Any, runs: Sequence[Any]) -> list[dict[str, Any]]:
+    """One record per child run: name, part, lr, dropout, normalize, status, loss curve."""
+    out = []
+    for r in runs:
+        hist = sorted(client.get_metric_history(r.info.run_id, "loss"), key=lambda m: m.step)
+        params, tags = r.data.params, r.data.tags
+        out.append(
+            {
+                "name": r.info.run_name,
+                "part": tags.get("sweep_part", "?"),
+                "lr": float(params.get("lr", "nan")),
+                "dropout": float(params.get("dropout", "nan")),
+                "normalize": params.get("normalize") == "True",
+                "status": r.info.status,
+                "diverged_at_step": int(tags["diverged_at_step"])
+                if tags.get("diverged") == "true" and "diverged_at_step" in tags
+                else None,
+                "steps": [m.step for m in hist],
+                "loss": [m.value for m in hist],
+            }
+        )
+    return out
+
+
+def plot_loss_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Draw every trial's loss curve (see the module docstring) into ``path``."""
+    plt = _pyplot()
+    import matplotlib
+    from matplotlib import colors
+    from matplotlib.lines import Line2D
+
+    parts = [p for p in ("table", "search") if any(c["part"] == p for c in curves)] or ["table"]
+    fig, axes = plt.subplots(1, len(parts), figsize=(7.5 * len(parts), 5.2), squeeze=False)
+    lrs = [c["lr"] for c in curves if c["lr"] > 0 and math.isfinite(c["lr"])]
+    norm = colors.LogNorm(vmin=min(lrs, default=1e-5), vmax=max(lrs, default=1e-3) * 1.0001)
+    cmap = matplotlib.colormaps["viridis"]
+    for ax, part in zip(axes[0], parts, strict=True):
+        mine = [c for c in curves if c["part"] == part]
+        finite = [v for c in mine for v in c["loss"] if math.isfinite(v)]
+        for c in sorted(mine, key=lambda c: (c["lr"], c["normalize"])):
+            colour = cmap(norm(c["lr"])) if c["lr"] > 0 else "black"
+            style = "-" if (part == "search" or c["normalize"]) else "--"
+            label = f"lr {c['lr']:.0e}"
+            label += (", norm" if c["normalize"] else ", raw") if part == "table" else ""
+            label += f", dropout {c['dropout']:.2f}" if part == "search" else ""
+            steps = c["steps"]
+            loss = [v if math.isfinite(v) else float("nan") for v in c["loss"]]
+            ax.plot(steps, loss, style, color=colour, lw=1.6, label=label, marker=".", ms=3)
+            if c["diverged_at_step"] is not None:
+                last = [v for v in loss if math.isfinite(v)]
+                y = last[-1] if last else (max(finite) if finite else 0.0)
+                ax.plot([c["diverged_at_step"]], [y], "x", color="red", ms=12, mew=3)
+                ax.annotate(
+                    f"diverged @ {c['diverged_at_step']}",
+                    (c["diverged_at_step"], y),
+                    textcoords="offset points",
+                    xytext=(6, 6),
+                    color="red",
+                    fontsize=8,
+                )
+            elif c["status"] in ("KILLED", "FAILED") and steps:
+                ax.plot([steps[-1]], [loss[-1]], "o", color="grey", ms=6)
+        ax.set_title(
+            "stability table (dashed: raw inputs)" if part == "table" else "Optuna search trials"
+        )
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = 0.05 * (hi - lo or 1.0)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if any(c["diverged_at_step"] is not None for c in mine):
+            handles.append(Line2D([], [], ls="", marker="x", color="red", mew=3))
+            labels.append("diverged (guard fired)")
+        if handles:
+            ax.legend(handles, labels, fontsize=7, loc="best", ncol=2 if len(labels) > 8 else 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_stability_table(
+    cells: Sequence[Cell], path: str | Path, meta: dict[str, Any] | None = None
+) -> Path:
+    """The stability table as a coloured grid image."""
+    plt = _pyplot()
+
+    lrs = sorted({c.lr for c in cells})
+    by = {(c.lr, c.normalize): c for c in cells}
+    header = ["Learning rate", "Before normalization", "After normalization"]
+    text, fill = [], []
+    for lr in lrs:
+        row, row_fill = [f"{lr:.0e}"], ["#eeeeee"]
+        for normalize in (False, True):
+            c = by.get((lr, normalize))
+            if c is None:
+                row.append("not run")
+                row_fill.append("#ffffff")
+                continue
+            word = STATUS_WORD[c.status]
+            if c.status == "explodes":
+                at = f" @ step {c.diverged_at_step}" if c.diverged_at_step is not None else ""
+                row.append(f"{word}{at}")
+            else:
+                row.append(f"{word}  loss {c.loss_change:+.3f}  (max |g| {c.max_grad_norm:.3g})")
+            row_fill.append(STATUS_COLOUR[c.status])
+        text.append(row)
+        fill.append(row_fill)
+    fig, ax = plt.subplots(figsize=(9.5, 0.55 * (len(lrs) + 1) + 1.2))
+    ax.axis("off")
+    table = ax.table(
+        cellText=text,
+        cellColours=fill,
+        colLabels=header,
+        colColours=["#cfd8dc"] * 3,
+        cellLoc="center",
+        loc="center",
+        colWidths=[0.18, 0.41, 0.41],
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(10)
+    table.scale(1, 1.6)
+    meta = meta or {}
+    sub = ", ".join(f"{k} {v}" for k, v in meta.items() if k in ("steps", "batch_size", "sweep"))
+    ax.set_title("Learning-rate stability" + (f" ({sub})" if sub else ""), fontsize=11)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
