@@ -467,6 +467,9 @@ def train(
                 "events_per_s": events_since * world_size / max(1e-9, now - t_since),
                 "epoch": float(epoch),
                 "diverged": 0.0,
+                # Truncation is counted, never silent: events cut to the pulse/DOM caps so far.
+                "events_truncated": float(loader.stats.events_truncated),
+                "pulses_dropped": float(loader.stats.pulses_in - loader.stats.pulses_kept),
             }
             acc_loss.zero_()
             acc_norm.zero_()

@@ -529,3 +529,105 @@ def test_mlflow_marks_a_diverged_run_failed(
     flag = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "diverged")}
     assert flag[result.diverged.step] == 1.0
     assert all(v == 0.0 for s, v in flag.items() if s < result.diverged.step)
+
+
+# ---------------------------------------------------------------- bad input in a training run
+
+
+def _rewrite_training_file(root: Path, edit: Any) -> Path:
+    """Apply ``edit`` to batch_1's pulses and rewrite the metadata's pulse indices to match."""
+    import pandas as pd
+
+    path = root / "train" / "batch_1.parquet"
+    df = edit(pd.read_parquet(path))
+    df.to_parquet(path)
+    meta = pd.read_parquet(root / "train_meta.parquet")
+    mine = meta["batch_id"] == 1
+    counts = df.groupby(level=0, sort=False).size()
+    counts = counts.reindex(meta.loc[mine, "event_id"].to_numpy()).to_numpy()
+    last = np.cumsum(counts) - 1
+    meta.loc[mine, "first_pulse_index"] = last - counts + 1
+    meta.loc[mine, "last_pulse_index"] = last
+    meta.to_parquet(root / "train_meta.parquet", index=False)
+    return path
+
+
+def test_an_event_with_120k_pulses_is_truncated_counted_and_logged(
+    small_dataset: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    """A 120,000-pulse event trains like any other: cut to the caps, counted, logged."""
+    import pandas as pd
+
+    data = Path(shutil.copytree(small_dataset, tmp_path / "data"))
+    rng = np.random.default_rng(1)
+    n_big = 120_000
+
+    def add_big_event(df: pd.DataFrame) -> pd.DataFrame:
+        big_id = df.index[0]
+        big = pd.DataFrame(
+            {
+                "sensor_id": rng.integers(0, 5160, n_big).astype(np.int16),
+                "time": np.sort(rng.integers(9_000, 80_000, n_big)).astype(np.int64),
+                "charge": rng.uniform(0.1, 5.0, n_big),
+                "auxiliary": rng.random(n_big) < 0.3,
+            },
+            index=pd.Index(np.full(n_big, big_id, dtype=np.int64), name="event_id"),
+        )
+        return pd.concat([big, df.drop(index=big_id)])
+
+    _rewrite_training_file(data, add_big_event)
+    cfg = make_cfg(
+        data,
+        tmp_path / "out",
+        batch_size=64,
+        max_steps=8,  # batch_1 holds 500 events: the big one is in the first 8 batches
+        log_every=8,
+        eval_every=0,
+        checkpoint_every=0,
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_experiment="test-big-event",
+    )
+    cfg.train.seed = 0
+    result = train(cfg, progress=False)
+    assert result.diverged is None and math.isfinite(result.last_loss)
+    client, run = only_run(mlflow_uri, "test-big-event")
+    truncated = client.get_metric_history(run.info.run_id, "events_truncated")
+    dropped = client.get_metric_history(run.info.run_id, "pulses_dropped")
+    cap = cfg.data.truncation().max_pulses_per_event
+    assert truncated[-1].value >= 1
+    assert dropped[-1].value >= n_big - cap
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("nan_charge", ("batch_1.parquet", "charge", "non-finite")),
+        ("truncated_file", ("batch_1.parquet", "not a readable parquet file")),
+    ],
+)
+def test_bad_training_file_stops_the_run_with_a_clear_error(
+    small_dataset: Path, tmp_path: Path, fault: str, expected: tuple[str, ...]
+) -> None:
+    """NaN in the input or a cut-off file: a DatasetError naming it, never a NaN loss."""
+    from iceaggr.dataset import DatasetError
+
+    data = Path(shutil.copytree(small_dataset, tmp_path / "data"))
+    path = data / "train" / "batch_1.parquet"
+    if fault == "nan_charge":
+
+        def poison(df: Any) -> Any:
+            df.iloc[7, df.columns.get_loc("charge")] = float("nan")
+            return df
+
+        _rewrite_training_file(data, poison)
+    else:
+        blob = path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    cfg = make_cfg(data, tmp_path / "out", max_steps=4, eval_every=0, checkpoint_every=2)
+    cfg.data.prefetch = 2  # the error must cross the loader's prefetch thread too
+    with pytest.raises(DatasetError) as info:
+        train(cfg, progress=False)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, message
+    assert not list((tmp_path / "out").glob("**/*.pt")), "no checkpoint of a failed run"
