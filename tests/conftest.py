@@ -129,3 +129,22 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local Ray for one test module (3 logical CPUs: two one-worker trials at once
+    plus their drivers), with token authentication on and its token in a scratch HOME
+    instead of the user's ``~/.ray``. Yields the GCS address (for ``--address``)."""
+    import os
+
+    import ray
+
+    home = tmp_path_factory.mktemp("home")
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)  # Ray writes its auth token under $HOME/.ray
+    ray.init(num_cpus=3, include_dashboard=True)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if old_home is not None:
+        os.environ["HOME"] = old_home

@@ -30,20 +30,6 @@ TABLE_LRS = (1e-4, 1e3)  # 1e3 is absurd: it diverges within a few steps
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    import ray
-
-    home = tmp_path_factory.mktemp("home")
-    old_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)  # Ray writes its auth token under $HOME/.ray
-    ray.init(num_cpus=3, include_dashboard=True)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if old_home is not None:
-        os.environ["HOME"] = old_home
-
-
-@pytest.fixture(scope="module")
 def sweep_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_dataset(path, n_events=1_500, batch_size=500, seed=3, progress=False)
@@ -60,7 +46,7 @@ def _options(tmp: Path, data: Path, **kw) -> SweepOptions:
     )
 
 
-def test_sweep_records_table_search_and_divergence(ray_cluster, sweep_data, tmp_path):
+def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_path):
     opts = _options(tmp_path, sweep_data, name="records", trials=2)
     result = run_sweep(opts)
     assert not result.interrupted
@@ -119,7 +105,7 @@ def test_sweep_records_table_search_and_divergence(ray_cluster, sweep_data, tmp_
     assert result.best is not None and 0 < result.best["val_angle"] < 3.2
 
 
-def test_diverging_search_is_penalized_not_left_running(ray_cluster, sweep_data, tmp_path):
+def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, tmp_path):
     # Every sampled lr is absurd: each trial must end diverged, penalized in Optuna.
     opts = _options(
         tmp_path, sweep_data, name="diverging", table=False, trials=2, lr_min=1e2, lr_max=1e4
@@ -135,7 +121,7 @@ def test_diverging_search_is_penalized_not_left_running(ray_cluster, sweep_data,
     assert result.best is None
 
 
-def test_interrupted_sweep_resumes_without_duplicates(ray_cluster, sweep_data, tmp_path):
+def test_interrupted_sweep_resumes_without_duplicates(ray_local, sweep_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [
         sys.executable,
@@ -151,7 +137,7 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_cluster, sweep_data, t
         "--tracking-uri",
         uri,
         "--address",
-        ray_cluster,
+        ray_local,
         "--max-concurrent",
         "1",
     ]

@@ -1,0 +1,248 @@
+"""The MLflow UI after a smoke sweep, checked end to end in a real headless Chromium.
+
+A real ``mlflow server`` on 127.0.0.1 records one smoke sweep run on a real local Ray (two
+learning rates by raw/normalized inputs, one of them diverging, plus a two-trial search). The
+Node script ``tests/browser/mlflow_ui.mjs`` then drives Debian's Chromium through Playwright
+(``playwright-core``) and checks what a user of the UI sees:
+
+* the runs page lists the parent run and its six trial runs with the parameter columns
+  ``lr``, ``dropout``, ``normalize`` and the ``diverged`` tag column, and marks the diverged
+  runs with MLflow's failed-status icon (a status search lists exactly them);
+* selecting a diverged and finished runs and pressing Compare opens the compare view, whose
+  ``loss`` chart renders one curve per run, the diverged one cut short;
+* the parent run's artifacts tab previews ``loss_curves.png`` and ``stability_table.png``.
+
+Every view is saved as a full-page screenshot under ``$ICEAGGR_SCREENSHOT_DIR`` (default
+``runs/ui-screenshots/``) for a person to look at. Nothing is skipped: a missing Node, Chromium
+or ``playwright-core`` fails the test with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BROWSER_DIR = REPO / "tests" / "browser"
+SCRIPT = BROWSER_DIR / "mlflow_ui.mjs"
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+INSTALL_HINT = "run scripts/install_browser_deps.sh (Debian chromium + npm ci in tests/browser)"
+TABLE_LRS = (1e-4, 1e3)  # 1e3 diverges at both input scalings
+TRIALS = 2
+SCREENSHOTS = (
+    "01-runs-list.png",
+    "02-runs-list-failed.png",
+    "03-compare-runs.png",
+    "04-compare-loss-chart.png",
+    "05-parent-artifact-loss-curves.png",
+    "06-parent-artifact-stability-table.png",
+)
+
+
+def _node() -> str:
+    """The Node binary, Chromium and playwright-core, or a failure saying how to install them."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not on PATH: install Node.js 20+ (e.g. apt-get install nodejs)")
+    if not CHROMIUM.exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: {INSTALL_HINT}")
+    if not (BROWSER_DIR / "node_modules" / "playwright-core" / "package.json").exists():
+        pytest.fail(f"playwright-core is not installed in {BROWSER_DIR}: {INSTALL_HINT}")
+    return node
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """A real ``mlflow server`` on a free localhost port: (URL, its log file)."""
+    root = tmp_path_factory.mktemp("mlflow-ui-server")
+    port = _free_port()
+    log_path = root / "server.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+            assert proc.poll() is None, log_path.read_text()
+        else:
+            pytest.fail("mlflow server did not come up: " + log_path.read_text())
+        yield url, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory) -> Iterator[str]:
+    """A local Ray (3 CPUs, dashboard on) whose auth token lands in a scratch HOME."""
+    import ray
+
+    home = tmp_path_factory.mktemp("home")
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)  # Ray writes its auth token under $HOME/.ray
+    ray.init(num_cpus=3, include_dashboard=True)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if old_home is not None:
+            os.environ["HOME"] = old_home
+
+
+@dataclass
+class SweepInUI:
+    url: str
+    server_log: Path
+    experiment_id: str
+    parent_run_id: str
+    children: int
+    diverged: int
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(mlflow_server, local_ray, tmp_path_factory) -> SweepInUI:
+    """One smoke sweep recorded by the server: 4 table trials (2 diverge) and 2 search trials."""
+    from mlflow import MlflowClient
+
+    from iceaggr.synth import write_synthetic_dataset
+    from iceaggr_tune.sweep import SweepOptions, run_sweep
+
+    url, server_log = mlflow_server
+    tmp = tmp_path_factory.mktemp("ui-sweep")
+    data = tmp / "data"
+    write_synthetic_dataset(data, n_events=1_500, batch_size=500, seed=3, progress=False)
+    opts = SweepOptions.smoke(
+        data=str(data),
+        storage_path=str(tmp / "sweeps"),
+        tracking_uri=url,
+        table_lrs=TABLE_LRS,
+        name="ui",
+        trials=TRIALS,
+    )
+    result = run_sweep(opts)
+    assert not result.interrupted
+    experiment = MlflowClient(tracking_uri=url).get_experiment_by_name(opts.experiment)
+    assert experiment is not None, f"no MLflow experiment {opts.experiment!r} on {url}"
+    return SweepInUI(
+        url=url,
+        server_log=server_log,
+        experiment_id=experiment.experiment_id,
+        parent_run_id=result.parent_run_id,
+        children=2 * len(TABLE_LRS) + TRIALS,
+        diverged=2,  # lr 1e3, raw and normalized
+    )
+
+
+@pytest.fixture
+def screenshot_dir() -> Path:
+    """Where the views' screenshots go; this test's files from an earlier run are removed."""
+    path = Path(os.environ.get("ICEAGGR_SCREENSHOT_DIR") or REPO / "runs" / "ui-screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    for name in (*SCREENSHOTS, "failure.png"):
+        (path / name).unlink(missing_ok=True)
+    return path
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_mlflow_ui_shows_sweep_runs_compare_chart_and_artifacts(smoke_sweep, screenshot_dir):
+    """The browser script's checks all pass, and it leaves a real screenshot of every view.
+
+    The script exits non-zero on the first check that fails; its whole output (which says what
+    the page showed instead) and the server log's tail then make up this test's failure.
+    """
+    node = _node()
+    cmd = [
+        node,
+        str(SCRIPT),
+        "--base-url",
+        smoke_sweep.url,
+        "--experiment-id",
+        smoke_sweep.experiment_id,
+        "--parent-run-id",
+        smoke_sweep.parent_run_id,
+        "--screenshot-dir",
+        str(screenshot_dir),
+        "--expect-children",
+        str(smoke_sweep.children),
+        "--expect-diverged",
+        str(smoke_sweep.diverged),
+    ]
+    env = {**os.environ, "CHROMIUM_PATH": str(CHROMIUM)}
+    try:
+        proc = subprocess.run(
+            cmd, cwd=BROWSER_DIR, env=env, capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(
+            f"browser script timed out after {err.timeout}s\n--- stdout ---\n{err.stdout}\n"
+            f"--- stderr ---\n{err.stderr}"
+        )
+    print(proc.stdout, proc.stderr, sep="\n")
+    if proc.returncode != 0:
+        server_tail = "\n".join(smoke_sweep.server_log.read_text().splitlines()[-40:])
+        pytest.fail(
+            f"browser script failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}\n"
+            f"--- mlflow server log (tail) ---\n{server_tail}",
+            pytrace=False,
+        )
+
+    for name in SCREENSHOTS:
+        shot = screenshot_dir / name
+        assert shot.exists(), f"the browser script did not save {shot}"
+        assert shot.stat().st_size > 20_000, f"{shot} is only {shot.stat().st_size} bytes"
+        width, height = _png_size(shot)
+        assert width >= 1280 and height >= 720, f"{shot} is {width}x{height}"
+        assert str(shot) in proc.stdout, f"the script did not report {shot}"
