@@ -67,7 +67,7 @@ def absolute_tracking_uri(uri: str) -> str:
 
 
 def redact_uri(uri: str) -> str:
-    """``http://user:secret@host`` -> ``http://***@host`` (for logs and params)."""
+    """A URI with its user and password (before ``@``) replaced by ``***`` (logs, params)."""
     scheme, sep, rest = uri.partition("://")
     if not sep or "@" not in rest.split("/", 1)[0]:
         return uri

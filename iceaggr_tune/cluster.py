@@ -64,6 +64,17 @@ def check_cluster_storage(tracking_uri: str, storage_path: str) -> int:
             f"at the MLflow server on the head, e.g. --tracking-uri http://<head-ip>:5000 "
             f"(cluster.yaml starts one on port 5000)."
         )
+    from urllib.parse import urlparse
+
+    host = urlparse(tracking_uri).hostname
+    machines = {n["NodeManagerAddress"] for n in nodes}
+    if host in ("127.0.0.1", "localhost", "::1") and len(machines) > 1:
+        raise ClusterConfigError(
+            f"--tracking-uri {tracking_uri!r} names this machine's loopback address, but the "
+            f"cluster's nodes sit on {len(machines)} machines: a trial on another node would "
+            f"look for MLflow on itself. Use the head's private address (on clusters made from "
+            f"cluster.yaml, jobs get it as MLFLOW_TRACKING_URI; leave --tracking-uri out)."
+        )
     if storage_path.startswith(REMOTE_STORAGE_SCHEMES):
         return len(nodes)
     root = Path(storage_path).resolve()

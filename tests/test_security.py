@@ -1,0 +1,237 @@
+"""Security defaults: Ray's token authentication stays on, MLflow is not exposed by default,
+``cluster.yaml`` opens nothing but SSH, and no credentials live in the repository.
+
+The Ray tests start real single-node clusters with ``ray start --head`` (in a scratch HOME
+and temp dir, killed by process group afterwards) and run the real sweep command against
+them. The MLflow binding itself is checked on a real server in ``tests/test_tracking.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """``ray start --head --block`` in its own process group, with its own ports and dirs."""
+
+    def __init__(self, root: Path, auth_mode: str) -> None:
+        self.home = root / "home"
+        self.home.mkdir(parents=True)
+        self.temp = Path(f"/tmp/rs{os.getpid()}{auth_mode[:1]}")  # unix socket paths are short
+        self.port = _free_port()
+        self.dashboard_port = _free_port()
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))
+        }
+        self.env.update(HOME=str(self.home), RAY_AUTH_MODE=auth_mode, PYTHONUNBUFFERED="1")
+        if auth_mode == "token":
+            subprocess.run(
+                [str(Path(sys.executable).with_name("ray")), "get-auth-token", "--generate"],
+                env=self.env,
+                check=True,
+                capture_output=True,
+            )
+        self.log = (root / "ray.log").open("w")
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.port}",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+                "--num-cpus=1",
+                "--include-dashboard=true",
+                f"--temp-dir={self.temp}",
+            ],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (root / "ray.log").read_text()
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # 401: up, and enforcing the token
+            except OSError:
+                time.sleep(1)
+        else:
+            self.stop()
+            pytest.fail("ray start --head did not come up: " + (root / "ray.log").read_text())
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+        subprocess.run(["rm", "-rf", str(self.temp)], check=False)
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RayHead]:
+    head = RayHead(tmp_path, request.param)
+    yield head
+    head.stop()
+
+
+def _sweep(head: RayHead, tmp_path: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        str(REPO / "tune" / "lr_sweep.py"),
+        "--smoke-test",
+        "--table-only",
+        "--data",
+        str(data),
+        "--storage-path",
+        str(tmp_path / "sweeps"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--address",
+        head.address,
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=head.env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("ray_head", ["disabled"], indirect=True)
+def test_sweep_refuses_a_ray_cluster_without_token_auth(
+    ray_head: RayHead, tmp_path: Path, small_dataset: Path
+) -> None:
+    # The cluster really serves anyone: its dashboard answers without a token.
+    with urllib.request.urlopen(f"{ray_head.dashboard}/api/version", timeout=10) as r:
+        assert r.status == 200
+    out = _sweep(ray_head, tmp_path, small_dataset)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "token authentication is off" in out.stderr
+    assert "RAY_AUTH_MODE=token" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() or "table_" not in out.stdout
+
+
+@pytest.mark.parametrize("ray_head", ["token"], indirect=True)
+def test_a_token_cluster_rejects_anonymous_requests_and_passes_the_check(
+    ray_head: RayHead, tmp_path: Path
+) -> None:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{ray_head.dashboard}/api/version", timeout=10)
+    assert info.value.code == 401
+    # A driver that holds the token joins, and the sweep's check finds auth enforced.
+    code = (
+        "import ray; from iceaggr_tune.cluster import check_ray_auth; "
+        f"ray.init(address='{ray_head.address}'); print('auth', check_ray_auth())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=ray_head.env, capture_output=True, text=True, timeout=120
+    )
+    assert "auth True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- cluster.yaml
+
+
+def _cluster() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_starts_every_ray_node_with_token_auth() -> None:
+    cfg = _cluster()
+    starts = [
+        c
+        for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+        if "ray start" in c
+    ]
+    assert len(starts) == 2
+    for command in starts:
+        before_start = command.split("ray start")[0]
+        assert re.search(r"\bRAY_AUTH_MODE=token\b", before_start), command
+    # The token comes from the user's machine, never from the checkout.
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    readme = (REPO / "README.md").read_text()
+    assert "ray get-auth-token --generate" in readme
+
+
+def test_cluster_yaml_mlflow_server_is_bound_to_the_private_address() -> None:
+    cfg = _cluster()
+    (command,) = [c for c in cfg["head_start_ray_commands"] if "mlflow-server" in c]
+    assert "0.0.0.0" not in command
+    assert re.search(r"--host \$\(hostname -I \| awk '\{print \$1\}'\)", command), command
+    # The dashboard stays on the head's loopback too.
+    (start,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in start
+
+
+def test_mlflow_server_command_defaults_to_loopback() -> None:
+    from iceaggr.cli import build_parser, mlflow_server_command
+
+    args = build_parser().parse_args(["mlflow-server"])
+    cmd = mlflow_server_command(args)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+# ---------------------------------------------------------------- no credentials in the repo
+
+SECRET_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "private key": re.compile(r"-----BEGIN (RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----"),
+    "credentials in a URI": re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:[^/\s@'\"*]+@"),
+    "assigned secret": re.compile(
+        r"(?i)\b(aws_secret_access_key|password|passwd|api_key|auth_token)\s*[=:]\s*['\"][^'\"\s]{8,}"
+    ),
+}
+
+
+def test_no_credentials_in_tracked_files() -> None:
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert files, "not a git checkout"
+    assert not [f for f in files if Path(f).name in ("auth_token", ".env", "credentials")]
+    found = []
+    for name in files:
+        path = REPO / name
+        if not path.is_file() or path.suffix in (".parquet", ".png", ".db"):
+            continue
+        text = path.read_text(errors="ignore")
+        for what, pattern in SECRET_PATTERNS.items():
+            for m in pattern.finditer(text):
+                line = text[: m.start()].count("\n") + 1
+                found.append(f"{name}:{line}: {what}: {m.group(0)[:40]}")
+    assert not found, "\n".join(found)
