@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv sweep smoke test lint format clean
+.PHONY: venv browser-deps sweep smoke test lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ sweep: venv
 smoke: venv
 	$(BIN)/python tune/lr_sweep.py --smoke-test
 
-test: venv
+# The MLflow UI test drives Debian's chromium with playwright-core (installed here, no download
+# of a browser); the script does nothing when both are already there.
+browser-deps:
+	scripts/install_browser_deps.sh
+
+test: venv browser-deps
 	$(BIN)/python -m pytest
 
 lint: venv

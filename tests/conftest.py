@@ -131,20 +131,49 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     server.stop()
 
 
+@contextlib.contextmanager
+def scratch_ray_env(home: Path, token: str | None = None) -> Iterator[None]:
+    """HOME (where Ray keeps its auth token) and Ray's auth variables for one test module,
+    restored afterwards (``ray.init`` exports ``RAY_AUTH_MODE=token`` into the process).
+    ``token`` set: token authentication with that token, for clusters started by hand."""
+    import os
+
+    keys = ("HOME", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    saved = {k: os.environ.get(k) for k in keys}
+    for k in keys[1:]:
+        os.environ.pop(k, None)
+    os.environ["HOME"] = str(home)
+    if token is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = token
+    _refresh_ray_auth()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _refresh_ray_auth()
+
+
+def _refresh_ray_auth() -> None:
+    """Make this process's Ray re-read its auth settings (it caches them at first use)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real local Ray for one test module (3 logical CPUs: two one-worker trials at once
     plus their drivers), with token authentication on and its token in a scratch HOME
     instead of the user's ``~/.ray``. Yields the GCS address (for ``--address``)."""
-    import os
-
     import ray
 
-    home = tmp_path_factory.mktemp("home")
-    old_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)  # Ray writes its auth token under $HOME/.ray
-    ray.init(num_cpus=3, include_dashboard=True)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if old_home is not None:
-        os.environ["HOME"] = old_home
+    with scratch_ray_env(tmp_path_factory.mktemp("home")):
+        ray.init(num_cpus=3, include_dashboard=True)
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()

@@ -8,12 +8,12 @@ worker must run on a worker node. The MLflow server is a real ``mlflow server`` 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import scratch_ray_env
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -92,21 +92,20 @@ def test_cluster_installs_this_version_with_pinned_dependencies():
 
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory):
+    """Head + two worker nodes, with Ray's token authentication on (as cluster.yaml has it)."""
+    import secrets
+
     import ray
     from ray.cluster_utils import Cluster
 
-    home = tmp_path_factory.mktemp("home")
-    old_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)  # Ray's auth token goes to a scratch $HOME/.ray
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=2, resources={"trainer": 1}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster, [w.node_id for w in workers]
-    ray.shutdown()
-    cluster.shutdown()
-    if old_home is not None:
-        os.environ["HOME"] = old_home
+    with scratch_ray_env(tmp_path_factory.mktemp("home"), token=secrets.token_hex(32)):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        workers = [cluster.add_node(num_cpus=2, resources={"trainer": 1}) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        yield cluster, [w.node_id for w in workers]
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

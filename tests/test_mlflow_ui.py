@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import struct
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,82 +60,10 @@ def _node() -> str:
     return node
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """A real ``mlflow server`` on a free localhost port: (URL, its log file)."""
-    root = tmp_path_factory.mktemp("mlflow-ui-server")
-    port = _free_port()
-    log_path = root / "server.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-            assert proc.poll() is None, log_path.read_text()
-        else:
-            pytest.fail("mlflow server did not come up: " + log_path.read_text())
-        yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory) -> Iterator[str]:
-    """A local Ray (3 CPUs, dashboard on) whose auth token lands in a scratch HOME."""
-    import ray
-
-    home = tmp_path_factory.mktemp("home")
-    old_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)  # Ray writes its auth token under $HOME/.ray
-    ray.init(num_cpus=3, include_dashboard=True)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        if old_home is not None:
-            os.environ["HOME"] = old_home
-
-
 @dataclass
 class SweepInUI:
     url: str
-    server_log: Path
+    server: Any  # conftest.MlflowServer
     experiment_id: str
     parent_run_id: str
     children: int
@@ -147,14 +71,14 @@ class SweepInUI:
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(mlflow_server, local_ray, tmp_path_factory) -> SweepInUI:
+def smoke_sweep(mlflow_server, ray_local, tmp_path_factory) -> SweepInUI:
     """One smoke sweep recorded by the server: 4 table trials (2 diverge) and 2 search trials."""
     from mlflow import MlflowClient
 
     from iceaggr.synth import write_synthetic_dataset
     from iceaggr_tune.sweep import SweepOptions, run_sweep
 
-    url, server_log = mlflow_server
+    url = mlflow_server.url
     tmp = tmp_path_factory.mktemp("ui-sweep")
     data = tmp / "data"
     write_synthetic_dataset(data, n_events=1_500, batch_size=500, seed=3, progress=False)
@@ -172,7 +96,7 @@ def smoke_sweep(mlflow_server, local_ray, tmp_path_factory) -> SweepInUI:
     assert experiment is not None, f"no MLflow experiment {opts.experiment!r} on {url}"
     return SweepInUI(
         url=url,
-        server_log=server_log,
+        server=mlflow_server,
         experiment_id=experiment.experiment_id,
         parent_run_id=result.parent_run_id,
         children=2 * len(TABLE_LRS) + TRIALS,
@@ -231,7 +155,7 @@ def test_mlflow_ui_shows_sweep_runs_compare_chart_and_artifacts(smoke_sweep, scr
         )
     print(proc.stdout, proc.stderr, sep="\n")
     if proc.returncode != 0:
-        server_tail = "\n".join(smoke_sweep.server_log.read_text().splitlines()[-40:])
+        server_tail = "\n".join(smoke_sweep.server.log_text().splitlines()[-40:])
         pytest.fail(
             f"browser script failed (exit {proc.returncode}): {' '.join(cmd)}\n"
             f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}\n"

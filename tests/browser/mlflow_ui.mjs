@@ -134,7 +134,8 @@ async function fullShot(page, name) {
     return most;
   });
   if (extra > 0) {
-    await page.setViewportSize({ width: before.width, height: Math.min(before.height + extra, 6000) });
+    const height = Math.min(before.height + extra, 6000);
+    await page.setViewportSize({ width: before.width, height });
     await page.waitForTimeout(800);
   }
   await page.screenshot({ path: file, fullPage: true });
@@ -177,7 +178,9 @@ async function setColumn(page, section, name, on) {
       continue;
     }
     if (current === section && info[i].title === name) {
-      if (info[i].checked !== on) await nodes.nth(i).locator('.du-bois-light-tree-checkbox').click();
+      if (info[i].checked !== on) {
+        await nodes.nth(i).locator('.du-bois-light-tree-checkbox').click();
+      }
       return;
     }
   }
@@ -207,7 +210,9 @@ async function expandParent(page, rows) {
 
 /** Auto-sizes the Run Name column (double click on its resize handle) to show whole names. */
 async function widenRunNames(page) {
-  const handle = page.locator('.ag-header-cell[col-id="attributes.`Run Name`"] .ag-header-cell-resize');
+  const handle = page.locator(
+    '.ag-header-cell[col-id="attributes.`Run Name`"] .ag-header-cell-resize',
+  );
   if (await handle.count()) await handle.first().dblclick();
 }
 
@@ -232,11 +237,16 @@ async function checkRunsList(page, truth) {
 
   // Parameter and tag columns, chosen the way a user does: through the Columns dropdown.
   await page.getByTestId('column-selection-dropdown').first().click();
-  for (const attr of ['Dataset', 'Source', 'Models']) await setColumn(page, 'Attributes', attr, false);
+  for (const attr of ['Dataset', 'Source', 'Models']) {
+    await setColumn(page, 'Attributes', attr, false);
+  }
   for (const p of ['lr', 'dropout', 'normalize']) await setColumn(page, 'Parameters', p, true);
   await setColumn(page, 'Tags', 'diverged', true);
   await page.keyboard.press('Escape');
-  await page.getByPlaceholder('Search columns').waitFor({ state: 'hidden', timeout: 10_000 }).catch(() => {});
+  await page
+    .getByPlaceholder('Search columns')
+    .waitFor({ state: 'hidden', timeout: 10_000 })
+    .catch(() => {});
 
   await expandParent(page, total);
   await widenRunNames(page);
@@ -364,7 +374,10 @@ async function checkCompare(page, truth) {
   const pcp = page.locator('.js-plotly-plot').first();
   await pcp.waitFor({ timeout: UI_TIMEOUT });
   const pcpBox = await pcp.boundingBox();
-  check(pcpBox && pcpBox.width > 100 && pcpBox.height > 100, `compare chart box ${JSON.stringify(pcpBox)}`);
+  check(
+    pcpBox && pcpBox.width > 100 && pcpBox.height > 100,
+    `compare chart box ${JSON.stringify(pcpBox)}`,
+  );
   const shots = [await fullShot(page, '03-compare-runs.png')];
 
   // The loss metric, from the compare view's metric table, opens the line chart.
@@ -398,10 +411,14 @@ async function checkCompare(page, truth) {
   check(plot.w > 200 && plot.h > 150, `loss chart is ${plot.w}x${plot.h}`);
   check(
     plot.lines.filter((l) => l.d > 0 && (l.w > 0 || l.h > 0)).length >= picked.length,
-    `loss chart draws ${plot.lines.length} line paths, expected one per run: ${JSON.stringify(plot.lines)}`,
+    `loss chart draws ${plot.lines.length} line paths, expected one per run: ` +
+      JSON.stringify(plot.lines),
   );
   for (const c of picked) {
-    check(c.name in plot.traces, `loss chart has no curve for ${c.name}: ${Object.keys(plot.traces)}`);
+    check(
+      c.name in plot.traces,
+      `loss chart has no curve for ${c.name}: ${Object.keys(plot.traces)}`,
+    );
     check(
       plot.traces[c.name] === c.lossPoints,
       `${c.name}: loss curve has ${plot.traces[c.name]} points, the run logged ${c.lossPoints}`,
@@ -441,7 +458,8 @@ async function checkParentArtifacts(page, truth) {
   await page.goto(url, { waitUntil: 'load' });
   const shots = [];
   for (const [i, file] of PARENT_IMAGES.entries()) {
-    const res = await fetch(`${BASE}/get-artifact?path=${encodeURIComponent(file)}&run_uuid=${PARENT}`);
+    const q = `path=${encodeURIComponent(file)}&run_uuid=${PARENT}`;
+    const res = await fetch(`${BASE}/get-artifact?${q}`);
     check(res.ok, `downloading ${file}: HTTP ${res.status}`);
     const logged = pngSize(Buffer.from(await res.arrayBuffer()));
 
@@ -471,7 +489,10 @@ async function checkParentArtifacts(page, truth) {
         .filter((x) => x.w > 0),
     );
     log(file, 'logged', JSON.stringify(logged), 'shown', JSON.stringify(shown));
-    check(shown.length === 1, `${file}: expected one visible preview image, found ${JSON.stringify(shown)}`);
+    check(
+      shown.length === 1,
+      `${file}: expected one visible preview image, found ${JSON.stringify(shown)}`,
+    );
     const [im] = shown;
     check(im.nw > 0 && im.nh > 0, `${file}: preview image did not decode (naturalWidth 0)`);
     check(
@@ -480,7 +501,8 @@ async function checkParentArtifacts(page, truth) {
     );
     check(im.w > 50 && im.h > 50, `${file}: preview is drawn at ${im.w}x${im.h}`);
     const stem = file.replace(/\.png$/, '').replace(/_/g, '-');
-    shots.push(await fullShot(page, `${String(5 + i).padStart(2, '0')}-parent-artifact-${stem}.png`));
+    const shot = `${String(5 + i).padStart(2, '0')}-parent-artifact-${stem}.png`;
+    shots.push(await fullShot(page, shot));
   }
   log('parent artifacts: ok');
   return shots;
