@@ -312,7 +312,7 @@ def train(
             run_id=mlflow_run_id,
             experiment=tc.mlflow_experiment,
             run_name=cfg.name,
-            spool_dir=tc.mlflow_spool_dir or ckpt_dir,
+            spool_dir=Path(tc.mlflow_spool_dir).expanduser() if tc.mlflow_spool_dir else ckpt_dir,
             wait_s=tc.mlflow_wait_s,
         )
         tags = dict(mlflow_tags or {})

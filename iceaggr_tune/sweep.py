@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_STATE = "sweep.json"
 OPTUNA_STUDY = "search"
+NODE_SPOOL_DIR = "~/.cache/iceaggr/mlflow-spool"
 ASHA_REDUCTION_FACTOR = 2
 """At each rung only the best half of the trials recorded so far continue."""
 
@@ -258,7 +259,9 @@ def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str
         max_failures=opts.max_failures,
         worker_resources=dict(opts.worker_resources),
         mlflow_wait_s=opts.mlflow_wait_s,
-        mlflow_spool_dir=None if remote_path(tune_root) else f"{tune_root}/mlflow-spool",
+        # Shared with the sweep driver (which sends what dead trials left) when storage is a
+        # folder; with s3:// storage, a folder on each training node (`iceaggr mlflow-sync`).
+        mlflow_spool_dir=NODE_SPOOL_DIR if remote_path(tune_root) else f"{tune_root}/mlflow-spool",
     )
 
 
