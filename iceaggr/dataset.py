@@ -214,6 +214,35 @@ class KaggleDataset:
                         f"value {v[i]} outside [0, {hi:.4f}] rad. Fix or drop that event."
                     )
 
+    def preflight(self, batch_ids: list[int] | None = None) -> int:
+        """Cheap checks of every batch file before a long job: readable footer, columns and
+        dtypes, row count matching the metadata. Returns the number of pulses in them.
+
+        Values (NaN, sensor ids, time order) are checked when a file is read in full.
+        """
+        ids = self.batch_ids if batch_ids is None else batch_ids
+        self.load_meta(ids)
+        total = 0
+        for b in ids:
+            path = self.batch_path(b)
+            meta = self.meta(b)
+            try:
+                pf = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise DatasetError(
+                    f"{path}: not a readable parquet file ({err}). It may be truncated or "
+                    f"corrupt; re-download or regenerate it."
+                ) from err
+            _check_columns(path, pf.schema_arrow, PULSE_SCHEMA)
+            rows, expected = pf.metadata.num_rows, int(meta["last_pulse_index"][-1]) + 1
+            if rows != expected:
+                raise DatasetError(
+                    f"{path}: has {rows} rows but {self.meta_path} (batch_id {b}) describes "
+                    f"{expected}. The metadata and the batch file disagree; regenerate one."
+                )
+            total += rows
+        return total
+
     def read_batch(self, batch_id: int) -> BatchFile:
         """Read and fully validate one batch file."""
         path = self.batch_path(batch_id)

@@ -179,16 +179,21 @@ def base_experiment(opts: SweepOptions) -> ExperimentConfig:
 
 
 def ensure_data(opts: SweepOptions) -> Path:
-    """The dataset folder, generated from physics on first use."""
-    path = Path(opts.data)
-    if (path / "train_meta.parquet").exists():
-        return path
-    from iceaggr.synth import write_synthetic_dataset
+    """The dataset folder, generated from physics on first use, then checked (every batch
+    file's footer, columns and row count) before anything starts on Ray, so a cut-off or
+    mismatched file stops the sweep at once with its name instead of failing every trial."""
+    from iceaggr.dataset import KaggleDataset
 
-    log.info("making %d synthetic events in %s (first use)", opts.events, path)
-    return write_synthetic_dataset(
-        path, n_events=opts.events, batch_size=opts.events_per_file, seed=opts.data_seed
-    )
+    path = Path(opts.data)
+    if not (path / "train_meta.parquet").exists():
+        from iceaggr.synth import write_synthetic_dataset
+
+        log.info("making %d synthetic events in %s (first use)", opts.events, path)
+        write_synthetic_dataset(
+            path, n_events=opts.events, batch_size=opts.events_per_file, seed=opts.data_seed
+        )
+    KaggleDataset(path).preflight()
+    return path
 
 
 def init_ray(opts: SweepOptions) -> None:

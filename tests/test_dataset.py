@@ -505,3 +505,13 @@ def test_split_leaves_no_training_file(val_files: int) -> None:
 def test_split_negative() -> None:
     with pytest.raises(ValueError, match="val_files must be >= 0, got -1"):
         split_batch_ids([1, 2, 3], -1)
+
+
+def test_preflight_checks_every_file_cheaply(data: Path) -> None:
+    ds = KaggleDataset(data)
+    assert ds.preflight() == sum(
+        pq.ParquetFile(batch_path(data, b)).metadata.num_rows for b in ds.batch_ids
+    )
+    path = rewrite_batch(data, 3, lambda df: df.iloc[:-5])
+    with pytest.raises(DatasetError, match=names(path, "rows", "describes")):
+        KaggleDataset(data).preflight()

@@ -319,3 +319,40 @@ def test_mlflow_server_down_during_a_sweep_loses_nothing(
     assert any("not answering" in w for w in warnings), warnings
     assert any("is back" in w for w in warnings), warnings
     assert not list((sweep_dir / "mlflow-spool").glob("*.jsonl")), "records left unsent"
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def test_cut_off_batch_file_stops_the_sweep_before_anything_starts(small_dataset, tmp_path):
+    """A truncated parquet file: the sweep names it and exits before Ray, MLflow or any trial
+    starts, leaving no sweep folder or run that could pass for a finished sweep."""
+    import shutil
+
+    data = Path(shutil.copytree(small_dataset, tmp_path / "data"))
+    bad = data / "train" / "batch_2.parquet"
+    bad.write_bytes(bad.read_bytes()[:-2000])
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tune" / "lr_sweep.py"),
+            "--smoke-test",
+            "--name",
+            "bad-data",
+            "--data",
+            str(data),
+            "--storage-path",
+            str(tmp_path / "sweeps"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"error: {bad}: not a readable parquet file" in out.stderr
+    assert "truncated" in out.stderr
+    assert not (tmp_path / "sweeps" / "bad-data").exists()
+    assert not (tmp_path / "mlflow.db").exists()

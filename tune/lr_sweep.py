@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from iceaggr.dataset import DatasetError
     from iceaggr.logs import setup_logging
     from iceaggr.probe import format_table
     from iceaggr.tracking import redact_uri
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run_sweep(opts)
-    except ClusterConfigError as err:
+    except (ClusterConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print()
