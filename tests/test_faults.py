@@ -143,9 +143,16 @@ def _train_worker_pids() -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
-def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, small_dataset, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "one-of-two-workers"])
+def test_killed_training_worker_resumes_from_its_checkpoint(
+    ray_local, small_dataset, tmp_path, workers
+):
+    """A worker SIGKILLed mid-trial (with two data-parallel workers, one of them): Ray Train
+    restarts the whole worker group from the last registered checkpoint."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    opts = _options(tmp_path, small_dataset, uri, "worker-kill", max_failures=2)
+    opts = _options(
+        tmp_path, small_dataset, uri, "worker-kill", max_failures=2, workers_per_trial=workers
+    )
     train_dir = tmp_path / "sweeps" / "worker-kill" / "train"
 
     def kill_worker(info: dict[str, Any]) -> None:
@@ -155,10 +162,12 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, small_dat
         info["registered_step"] = _wait_for(
             lambda: _registered_checkpoint_step(train_dir), 300, "a registered checkpoint"
         )
-        pids = _wait_for(_train_worker_pids, 60, "the training worker")
+        pids = _wait_for(
+            lambda: (p := _train_worker_pids()) and len(p) == workers and p, 60, "the workers"
+        )
         info["logged_before_kill"] = max(_logged_steps(uri))
-        info["pid"] = pids[0]
-        os.kill(pids[0], signal.SIGKILL)
+        info["pid"] = pids[-1]
+        os.kill(pids[-1], signal.SIGKILL)
 
     fault = Fault(kill_worker)
     fault.start()
@@ -176,6 +185,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, small_dat
     assert resumed % REPORT_EVERY == 0
     _assert_history_complete(client, run)
     assert result.best is not None and result.best["steps"] == STEPS
+    assert client.get_run(run.info.run_id).data.params["num_workers"] == str(workers)
     assert info["pid"] not in _train_worker_pids()
 
 
