@@ -88,9 +88,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def mlflow_server_command(args: argparse.Namespace) -> list[str]:
     """The ``mlflow server`` command line for ``iceaggr mlflow-server``."""
-    store = args.backend_store_uri
-    if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
-        store = "sqlite:///" + str(Path(store[len("sqlite:///") :]).resolve())
+    from iceaggr.tracking import absolute_tracking_uri
+
+    store = absolute_tracking_uri(args.backend_store_uri)
     artifacts = str(Path(args.artifacts).resolve())
     return [
         sys.executable,

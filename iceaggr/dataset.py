@@ -101,6 +101,17 @@ def _check_columns(path: Path, schema: pa.Schema, expected: dict[str, pa.DataTyp
             )
 
 
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    """Open a batch file (reads its footer); a cut-off or corrupt file is a DatasetError."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DatasetError(
+            f"{path}: not a readable parquet file ({err}). It may be truncated or corrupt; "
+            f"re-download or regenerate it."
+        ) from err
+
+
 def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -226,13 +237,7 @@ class KaggleDataset:
         for b in ids:
             path = self.batch_path(b)
             meta = self.meta(b)
-            try:
-                pf = pq.ParquetFile(path)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise DatasetError(
-                    f"{path}: not a readable parquet file ({err}). It may be truncated or "
-                    f"corrupt; re-download or regenerate it."
-                ) from err
+            pf = _open_parquet(path)
             _check_columns(path, pf.schema_arrow, PULSE_SCHEMA)
             rows, expected = pf.metadata.num_rows, int(meta["last_pulse_index"][-1]) + 1
             if rows != expected:
@@ -247,13 +252,7 @@ class KaggleDataset:
         """Read and fully validate one batch file."""
         path = self.batch_path(batch_id)
         meta = self.meta(batch_id)
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(
-                f"{path}: not a readable parquet file ({err}). It may be truncated or corrupt; "
-                f"re-download or regenerate it."
-            ) from err
+        pf = _open_parquet(path)
         schema = pf.schema_arrow
         # Non-finite values are reported before dtypes: a float column full of NaN is the
         # more specific problem.

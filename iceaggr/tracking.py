@@ -349,41 +349,38 @@ class RunLogger:
         """Send what is queued. Returns False (keeping it) when the server is unreachable.
 
         Non-blocking by default: while the server is down an attempt is made at most every
-        few seconds (backing off to ``RETRY_MAX_S``). ``block=True`` waits up to ``wait_s``.
+        few seconds (backing off to ``RETRY_MAX_S``). ``block=True`` waits up to ``wait_s``,
+        retrying as every :class:`PatientClient` call does.
         """
-        start = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if not self._ops and self._logged_upto is not None:
-                return True
-            if not block and self._down_since is not None and now < self._next_try:
-                return False
-            try:
-                self._send()
-            except Exception as err:
-                if not is_unreachable(err):
-                    raise
-                self._note_down(err, now)
-                if not block:
-                    return False
-                if now - start >= self.client.wait_s:
-                    log.error(
-                        "MLflow at %s stayed unreachable for %.0f s; %d records of run %s are "
-                        "not sent%s",
-                        redact_uri(self.tracking_uri),
-                        now - start,
-                        len(self._ops),
-                        self.run_id,
-                        f" (kept in {self._spool}; send them later with `iceaggr mlflow-sync "
-                        f"{self._spool.parent} --tracking-uri URI`)"
-                        if self._spool
-                        else " and are lost",
-                    )
-                    return False
-                time.sleep(RETRY_EVERY_S)
-                continue
-            self._note_up()
+        if not self._ops and self._logged_upto is not None:
             return True
+        now = time.monotonic()
+        if not block and self._down_since is not None and now < self._next_try:
+            return False
+        try:
+            if block:
+                self.client.call(f"sending the records of run {self.run_id}", self._send)
+            else:
+                self._send()
+        except MlflowUnreachable as err:
+            log.error(
+                "%s; %d records of run %s are not sent%s",
+                err,
+                len(self._ops),
+                self.run_id,
+                f" (kept in {self._spool}; send them later with `iceaggr mlflow-sync "
+                f"{self._spool.parent} --tracking-uri URI`)"
+                if self._spool
+                else " and are lost",
+            )
+            return False
+        except Exception as err:
+            if not is_unreachable(err):
+                raise
+            self._note_down(err, now)
+            return False
+        self._note_up()
+        return True
 
     def _note_down(self, err: BaseException, now: float) -> None:
         if self._down_since is None:

@@ -20,6 +20,11 @@ REMOTE_TRACKING_SCHEMES = ("http://", "https://", "databricks")
 REMOTE_STORAGE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://")
 
 
+def remote_path(path: str) -> bool:
+    """An object-store URI (``s3://...``) rather than a folder."""
+    return path.startswith(REMOTE_STORAGE_SCHEMES)
+
+
 class ClusterConfigError(ValueError):
     """A sweep option that cannot work on the connected multi-node cluster."""
 
@@ -75,7 +80,7 @@ def check_cluster_storage(tracking_uri: str, storage_path: str) -> int:
             f"look for MLflow on itself. Use the head's private address (on clusters made from "
             f"cluster.yaml, jobs get it as MLFLOW_TRACKING_URI; leave --tracking-uri out)."
         )
-    if storage_path.startswith(REMOTE_STORAGE_SCHEMES):
+    if remote_path(storage_path):
         return len(nodes)
     root = Path(storage_path).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out, write (making the folder) and close a figure."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def loss_histories(client: Any, runs: Sequence[Any]) -> list[dict[str, Any]]:
     """One record per child run: name, part, lr, dropout, normalize, status, loss curve."""
     out = []
@@ -116,12 +126,7 @@ def plot_loss_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: 
         if handles:
             ax.legend(handles, labels, fontsize=7, loc="best", ncol=2 if len(labels) > 8 else 1)
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_stability_table(
@@ -168,9 +173,4 @@ def plot_stability_table(
     meta = meta or {}
     sub = ", ".join(f"{k} {v}" for k, v in meta.items() if k in ("steps", "batch_size", "sweep"))
     ax.set_title("Learning-rate stability" + (f" ({sub})" if sub else ""), fontsize=11)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)

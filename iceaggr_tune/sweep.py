@@ -33,7 +33,7 @@ from typing import Any
 from iceaggr.config import ExperimentConfig, baseline_config, debug_config, load_config, to_dict
 from iceaggr.probe import PROBE_LRS, Cell, classify, write_table
 from iceaggr.tracking import RunLogger, absolute_tracking_uri, sync_spool
-from iceaggr_tune.cluster import REMOTE_STORAGE_SCHEMES, check_cluster_storage, check_ray_auth
+from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, remote_path
 from iceaggr_tune.early_stop import create_board
 from iceaggr_tune.mlflow_watch import MlflowWatch
 from iceaggr_tune.plots import loss_histories, plot_loss_curves, plot_stability_table
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 SWEEP_STATE = "sweep.json"
 OPTUNA_STUDY = "search"
-NODE_SPOOL_DIR = "~/.cache/iceaggr/mlflow-spool"
+SPOOL_DIR = "mlflow-spool"
+"""Folder of a sweep where trials keep MLflow records not sent yet (folder storage)."""
+NODE_SPOOL_DIR = f"~/.cache/iceaggr/{SPOOL_DIR}"
 ASHA_REDUCTION_FACTOR = 2
 """At each rung only the best half of the trials recorded so far continue."""
 
@@ -266,12 +268,8 @@ def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str
         mlflow_wait_s=opts.mlflow_wait_s,
         # Shared with the sweep driver (which sends what dead trials left) when storage is a
         # folder; with s3:// storage, a folder on each training node (`iceaggr mlflow-sync`).
-        mlflow_spool_dir=NODE_SPOOL_DIR if remote_path(tune_root) else f"{tune_root}/mlflow-spool",
+        mlflow_spool_dir=NODE_SPOOL_DIR if remote_path(tune_root) else f"{tune_root}/{SPOOL_DIR}",
     )
-
-
-def remote_path(path: str) -> bool:
-    return path.startswith(REMOTE_STORAGE_SCHEMES)
 
 
 def _trainable(settings: Any):
@@ -536,7 +534,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
 
     t0 = time.time()
     opts.tracking_uri = absolute_tracking_uri(opts.tracking_uri)
-    remote = opts.storage_path.startswith(REMOTE_STORAGE_SCHEMES)
+    remote = remote_path(opts.storage_path)
     storage = Path(opts.local_dir if remote else opts.storage_path).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     if opts.resume:
@@ -582,7 +580,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         )
     plog = RunLogger(opts.tracking_uri, run_id=parent, wait_s=opts.mlflow_wait_s)
     plog.log_params({"sweep": {k: v for k, v in asdict(opts).items() if k not in ("resume",)}})
-    spool_dir = None if remote else sweep_dir / "mlflow-spool"
+    spool_dir = None if remote else sweep_dir / SPOOL_DIR
     watch = MlflowWatch(opts.tracking_uri)
     watch.start()
     result = SweepResult(name=name, parent_run_id=parent)
