@@ -1,4 +1,4 @@
-"""Fixtures shared by the training, probe and CLI tests.
+"""Fixtures and helpers shared by the test modules.
 
 ``small_dataset`` is a real synthetic dataset in the Kaggle layout (DESIGN.md section 3), small
 enough for the CPU: 1,500 events in three batch files of 500 (the last one validates), written
@@ -8,6 +8,8 @@ once per test session.
 from __future__ import annotations
 
 import contextlib
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from iceaggr.synth import write_synthetic_dataset
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL_DATASET_EVENTS = 1_500
 SMALL_DATASET_FILE_EVENTS = 500
 
@@ -46,6 +49,30 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lr_sweep_command(tmp_path: Path, data: Path, *extra: str) -> list[str]:
+    """``tune/lr_sweep.py --smoke-test`` on ``data``, writing its sweeps and its sqlite MLflow
+    store (``sqlite:///<tmp_path>/mlflow.db``) under ``tmp_path``; ``extra`` options follow."""
+    return [
+        sys.executable,
+        str(REPO / "tune" / "lr_sweep.py"),
+        "--smoke-test",
+        "--data",
+        str(data),
+        "--storage-path",
+        str(tmp_path / "sweeps"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
+
+
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1, started with ``iceaggr mlflow-server``.
 
@@ -54,23 +81,16 @@ class MlflowServer:
     """
 
     def __init__(self, root: Path, port: int | None = None) -> None:
-        import socket
-
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = port if port is not None else free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
         self.starts = 0
 
     def start(self, timeout: float = 120.0) -> str:
         import os
         import subprocess
-        import sys
         import time
         import urllib.request
 

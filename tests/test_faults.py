@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import pytest
+from conftest import lr_sweep_command
 from mlflow.tracking import MlflowClient
 
 from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 120
 REPORT_EVERY = 6  # -> a report (and a checkpoint) every 6 steps, MLflow every 3 steps
 LOG_EVERY = REPORT_EVERY // 2
@@ -196,30 +195,13 @@ def test_killed_sweep_driver_resumes_without_losing_or_duplicating(
     ray_local, small_dataset, tmp_path
 ):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [
-        sys.executable,
-        str(REPO / "tune" / "lr_sweep.py"),
-        "--smoke-test",
-        "--search-only",
-        "--trials",
-        "2",
-        "--steps",
-        str(STEPS),
-        "--report-every",
-        str(REPORT_EVERY),
-        "--name",
-        "driver-kill",
-        "--data",
-        str(small_dataset),
-        "--storage-path",
-        str(tmp_path / "sweeps"),
-        "--tracking-uri",
-        uri,
-        "--address",
-        ray_local,
-        "--max-concurrent",
-        "1",
-    ]
+    cmd = lr_sweep_command(
+        tmp_path,
+        small_dataset,
+        *("--search-only", "--trials", "2", "--steps", str(STEPS)),
+        *("--report-every", str(REPORT_EVERY), "--name", "driver-kill"),
+        *("--address", ray_local, "--max-concurrent", "1"),
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = (tmp_path / "driver.log").open("w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -343,19 +325,7 @@ def test_cut_off_batch_file_stops_the_sweep_before_anything_starts(small_dataset
     bad = data / "train" / "batch_2.parquet"
     bad.write_bytes(bad.read_bytes()[:-2000])
     out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tune" / "lr_sweep.py"),
-            "--smoke-test",
-            "--name",
-            "bad-data",
-            "--data",
-            str(data),
-            "--storage-path",
-            str(tmp_path / "sweeps"),
-            "--tracking-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-        ],
+        lr_sweep_command(tmp_path, data, "--name", "bad-data"),
         cwd=tmp_path,
         capture_output=True,
         text=True,

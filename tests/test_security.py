@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, lr_sweep_command
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayHead:
@@ -42,8 +36,8 @@ class RayHead:
         self.home = root / "home"
         self.home.mkdir(parents=True)
         self.temp = Path(f"/tmp/rs{os.getpid()}{auth_mode[:1]}")  # unix socket paths are short
-        self.port = _free_port()
-        self.dashboard_port = _free_port()
+        self.port = free_port()
+        self.dashboard_port = free_port()
         self.env = {
             k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))
         }
@@ -64,9 +58,9 @@ class RayHead:
                 "--block",
                 f"--port={self.port}",
                 f"--dashboard-port={self.dashboard_port}",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
                 "--num-cpus=1",
                 "--include-dashboard=true",
                 f"--temp-dir={self.temp}",
@@ -111,22 +105,8 @@ def ray_head(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RayHead
     head.stop()
 
 
-def _sweep(head: RayHead, tmp_path: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        str(REPO / "tune" / "lr_sweep.py"),
-        "--smoke-test",
-        "--table-only",
-        "--data",
-        str(data),
-        "--storage-path",
-        str(tmp_path / "sweeps"),
-        "--tracking-uri",
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--address",
-        head.address,
-        *extra,
-    ]
+def _sweep(head: RayHead, tmp_path: Path, data: Path) -> subprocess.CompletedProcess:
+    cmd = lr_sweep_command(tmp_path, data, "--table-only", "--address", head.address)
     return subprocess.run(
         cmd, cwd=tmp_path, env=head.env, capture_output=True, text=True, timeout=300
     )

@@ -11,12 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import lr_sweep_command
 from mlflow.tracking import MlflowClient
 
 from iceaggr.synth import write_synthetic_dataset
@@ -25,7 +25,6 @@ from iceaggr_tune.sweep import OPTUNA_STUDY, SweepOptions, optuna_storage_url, r
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 TABLE_LRS = (1e-4, 1e3)  # 1e3 is absurd: it diverges within a few steps
 
 
@@ -123,24 +122,12 @@ def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, t
 
 def test_interrupted_sweep_resumes_without_duplicates(ray_local, sweep_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [
-        sys.executable,
-        str(REPO / "tune" / "lr_sweep.py"),
-        "--smoke-test",
-        "--table-only",
-        "--name",
-        "resumable",
-        "--data",
-        str(sweep_data),
-        "--storage-path",
-        str(tmp_path / "sweeps"),
-        "--tracking-uri",
-        uri,
-        "--address",
-        ray_local,
-        "--max-concurrent",
-        "1",
-    ]
+    cmd = lr_sweep_command(
+        tmp_path,
+        sweep_data,
+        *("--table-only", "--name", "resumable"),
+        *("--address", ray_local, "--max-concurrent", "1"),
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
