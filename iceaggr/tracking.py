@@ -21,12 +21,14 @@ below it, so a metric history has neither gaps nor duplicated steps.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,29 @@ def absolute_tracking_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+@contextlib.contextmanager
+def _sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on a local sqlite store's file while it is opened.
+
+    MLflow creates and migrates a new sqlite store on first open; two processes doing that
+    at once (the sweep driver, trial workers, a second sweep) fail half-way with errors such
+    as "table experiments already exists". SQLite's own locks are POSIX record locks, which
+    ``flock`` does not touch. An empty file is a valid empty database for SQLite.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        yield
+        return
+    path = Path(uri[len(prefix) :].split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def redact_uri(uri: str) -> str:
@@ -142,7 +167,8 @@ class PatientClient:
         configure_mlflow_http()
         self.tracking_uri = tracking_uri
         self.wait_s = float(wait_s)
-        self.raw = MlflowClient(tracking_uri=tracking_uri)
+        with _sqlite_store_lock(tracking_uri):
+            self.raw = MlflowClient(tracking_uri=tracking_uri)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.raw, name)

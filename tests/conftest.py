@@ -56,9 +56,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def sweep_tracking_uri(tmp_path: Path) -> str:
+    """The sqlite MLflow store that :func:`lr_sweep_command` writes to, created and migrated.
+
+    A test that polls the store while a sweep subprocess writes it must create the store
+    first: MLflow builds and migrates a new sqlite file on first open, and two processes
+    doing that at once on the same file can fail with errors such as
+    ``AttributeError: dimension_attributes`` from the schema migration.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()
+    return uri
+
+
 def lr_sweep_command(tmp_path: Path, data: Path, *extra: str) -> list[str]:
     """``tune/lr_sweep.py --smoke-test`` on ``data``, writing its sweeps and its sqlite MLflow
-    store (``sqlite:///<tmp_path>/mlflow.db``) under ``tmp_path``; ``extra`` options follow."""
+    store (:func:`sweep_tracking_uri`) under ``tmp_path``; ``extra`` options follow."""
     return [
         sys.executable,
         str(REPO / "tune" / "lr_sweep.py"),

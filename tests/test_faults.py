@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import pytest
-from conftest import lr_sweep_command
+from conftest import lr_sweep_command, sweep_tracking_uri
 from mlflow.tracking import MlflowClient
 
 from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
@@ -194,7 +194,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint(
 def test_killed_sweep_driver_resumes_without_losing_or_duplicating(
     ray_local, small_dataset, tmp_path
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sweep_tracking_uri(tmp_path)  # before the sweep process opens it
     cmd = lr_sweep_command(
         tmp_path,
         small_dataset,

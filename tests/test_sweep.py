@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import lr_sweep_command
+from conftest import lr_sweep_command, sweep_tracking_uri
 from mlflow.tracking import MlflowClient
 
 from iceaggr.synth import write_synthetic_dataset
@@ -121,7 +121,7 @@ def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, t
 
 
 def test_interrupted_sweep_resumes_without_duplicates(ray_local, sweep_data, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sweep_tracking_uri(tmp_path)  # before the sweep process opens it
     cmd = lr_sweep_command(
         tmp_path,
         sweep_data,

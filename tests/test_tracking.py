@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -206,3 +209,45 @@ def test_params_never_carry_credentials() -> None:
         "ray_auth_token": "***",
         "train.lr": 1e-3,
     }
+
+
+_OPEN_STORE = """
+import sys, time
+from pathlib import Path
+from iceaggr.tracking import PatientClient
+go = Path(sys.argv[2])
+Path(f"{go}.{sys.argv[3]}.ready").touch()
+while not go.exists():
+    time.sleep(0.01)
+client = PatientClient(sys.argv[1])
+client.create_experiment(sys.argv[3])
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """The sweep driver and trial workers may open a new sqlite store at the same moment;
+    MLflow's schema creation is not safe against that on its own (two plain ``MlflowClient``
+    processes on a new file fail with "table ... already exists" most of the time)."""
+    script = tmp_path / "open_store.py"
+    script.write_text(_OPEN_STORE)
+    for round_ in range(2):
+        uri = f"sqlite:///{tmp_path / f'mlflow-{round_}.db'}"
+        go = tmp_path / f"go-{round_}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), uri, str(go), f"exp-{i}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob(f"go-{round_}.*.ready"))) < 3:  # all imported MLflow
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        go.touch()
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(outputs)
+        names = {e.name for e in MlflowClient(tracking_uri=uri).search_experiments()}
+        assert names == {"Default", "exp-0", "exp-1", "exp-2"}
