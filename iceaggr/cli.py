@@ -83,9 +83,6 @@ def _linefit(args: argparse.Namespace) -> int:
     return 0
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def mlflow_server_command(args: argparse.Namespace) -> list[str]:
     """The ``mlflow server`` command line for ``iceaggr mlflow-server``."""
     from iceaggr.tracking import absolute_tracking_uri
@@ -113,7 +110,9 @@ def mlflow_server_command(args: argparse.Namespace) -> list[str]:
 def _mlflow_server(args: argparse.Namespace) -> int:
     import os
 
-    if args.host not in LOOPBACK:
+    from iceaggr.tracking import LOOPBACK_HOSTS
+
+    if args.host not in LOOPBACK_HOSTS:
         log.warning(
             "MLflow listens on %s: every machine that reaches this address can read and write "
             "runs (the server has no login). Do this only on a private network (a cluster's "

@@ -23,6 +23,7 @@ import yaml
 
 from iceaggr.loader import Truncation
 from iceaggr.model import ModelConfig, baseline_model_config, debug_model_config
+from iceaggr.tracking import DEFAULT_WAIT_S
 
 
 class ConfigError(ValueError):
@@ -108,7 +109,7 @@ class TrainConfig:
     mlflow_spool_dir: str | None = None
     """Records MLflow could not take yet are also written here (default: the checkpoint folder);
     a shared folder lets a restarted worker on another node send them."""
-    mlflow_wait_s: float = 1800.0
+    mlflow_wait_s: float = DEFAULT_WAIT_S
     """How long the end of a run waits for an unreachable MLflow server before giving up."""
 
     def __post_init__(self) -> None:

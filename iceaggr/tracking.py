@@ -40,6 +40,13 @@ TAG_DIVERGED_AT_STEP = "diverged_at_step"
 TAG_DIVERGENCE_REASON = "divergence_reason"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+# The first step a resumed or restarted run trained (its curve continues from there).
+TAG_RESUMED_FROM_STEP = "resumed_from_step"
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""Host names that mean "this machine only" (a tracking server there is not reachable
+from other machines)."""
+SQLITE_PREFIX = "sqlite:///"
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
 # The metric every training report carries; its last step marks how far a run was logged.
@@ -62,9 +69,8 @@ class MlflowUnreachable(RuntimeError):
 
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` made absolute (Ray workers run in other folders)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        return SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX) :]).resolve())
     return uri
 
 
@@ -77,11 +83,10 @@ def _sqlite_store_lock(uri: str) -> Iterator[None]:
     as "table experiments already exists". SQLite's own locks are POSIX record locks, which
     ``flock`` does not touch. An empty file is a valid empty database for SQLite.
     """
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or ":memory:" in uri:
+    if not uri.startswith(SQLITE_PREFIX) or ":memory:" in uri:
         yield
         return
-    path = Path(uri[len(prefix) :].split("?", 1)[0])
+    path = Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

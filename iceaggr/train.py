@@ -305,7 +305,7 @@ def train(
 
     mlog = None
     if tc.mlflow_tracking_uri and rank == 0:
-        from iceaggr.tracking import RunLogger
+        from iceaggr.tracking import TAG_RESUMED_FROM_STEP, RunLogger
 
         mlog = RunLogger(
             tc.mlflow_tracking_uri,
@@ -317,7 +317,7 @@ def train(
         )
         tags = dict(mlflow_tags or {})
         if start_step > 0:  # a resumed run says from where (its curve continues from there)
-            tags["resumed_from_step"] = str(start_step)
+            tags[TAG_RESUMED_FROM_STEP] = str(start_step)
         if tags:
             mlog.set_tags(tags)
         mlog.log_params({**to_dict(cfg), "world_size": world_size})
@@ -515,7 +515,6 @@ def train(
                         },
                     )
             if report is not None and report(metrics, step, ckpt) and step < tc.max_steps:
-                result.steps = step
                 result.stopped_early = True
                 log.info("stopping early at step %d (asked by the report callback)", step)
                 break

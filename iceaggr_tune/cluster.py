@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from iceaggr.tracking import LOOPBACK_HOSTS
+
 log = logging.getLogger(__name__)
 
 REMOTE_TRACKING_SCHEMES = ("http://", "https://", "databricks")
@@ -73,7 +75,7 @@ def check_cluster_storage(tracking_uri: str, storage_path: str) -> int:
 
     host = urlparse(tracking_uri).hostname
     machines = {n["NodeManagerAddress"] for n in nodes}
-    if host in ("127.0.0.1", "localhost", "::1") and len(machines) > 1:
+    if host in LOOPBACK_HOSTS and len(machines) > 1:
         raise ClusterConfigError(
             f"--tracking-uri {tracking_uri!r} names this machine's loopback address, but the "
             f"cluster's nodes sit on {len(machines)} machines: a trial on another node would "

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.request
 
-from iceaggr.tracking import redact_uri
+from iceaggr.tracking import REMIND_EVERY_S, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class MlflowWatch:
     """Background health checks of an ``http(s)://`` tracking URI (a no-op for other URIs)."""
 
-    def __init__(self, uri: str, every_s: float = 5.0, remind_s: float = 300.0) -> None:
+    def __init__(self, uri: str, every_s: float = 5.0, remind_s: float = REMIND_EVERY_S) -> None:
         self.uri = uri
         self.every_s = every_s
         self.remind_s = remind_s

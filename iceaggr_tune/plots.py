@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from iceaggr.probe import Cell
+from iceaggr.tracking import TAG_DIVERGED, TAG_DIVERGED_AT_STEP
+from iceaggr_tune.mlflow_runs import TAG_SWEEP_PART
 
 STATUS_COLOUR = {
     "ok": "#c8e6c9",
@@ -56,13 +58,13 @@ def loss_histories(client: Any, runs: Sequence[Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": r.info.run_name,
-                "part": tags.get("sweep_part", "?"),
+                "part": tags.get(TAG_SWEEP_PART, "?"),
                 "lr": float(params.get("lr", "nan")),
                 "dropout": float(params.get("dropout", "nan")),
                 "normalize": params.get("normalize") == "True",
                 "status": r.info.status,
-                "diverged_at_step": int(tags["diverged_at_step"])
-                if tags.get("diverged") == "true" and "diverged_at_step" in tags
+                "diverged_at_step": int(tags[TAG_DIVERGED_AT_STEP])
+                if tags.get(TAG_DIVERGED) == "true" and TAG_DIVERGED_AT_STEP in tags
                 else None,
                 "steps": [m.step for m in hist],
                 "loss": [m.value for m in hist],

@@ -32,7 +32,7 @@ from typing import Any
 
 from iceaggr.config import ExperimentConfig, baseline_config, debug_config, load_config, to_dict
 from iceaggr.probe import PROBE_LRS, Cell, classify, write_table
-from iceaggr.tracking import RunLogger, absolute_tracking_uri, sync_spool
+from iceaggr.tracking import DEFAULT_WAIT_S, RunLogger, absolute_tracking_uri, sync_spool
 from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, remote_path
 from iceaggr_tune.early_stop import create_board
 from iceaggr_tune.mlflow_watch import MlflowWatch
@@ -103,7 +103,7 @@ class SweepOptions:
     """Trials at once; default: what the cluster's CPUs/GPUs allow."""
     max_failures: int = 1
     """Worker-group restarts of a trial (from its last checkpoint) before it errors."""
-    mlflow_wait_s: float = 1800.0
+    mlflow_wait_s: float = DEFAULT_WAIT_S
     """How long MLflow bookkeeping waits for an unreachable tracking server (training goes on
     meanwhile; its records are held and sent when the server is back)."""
     allow_unauthenticated_ray: bool = False
@@ -661,8 +661,7 @@ def _log_loss_curves(uri: str, parent: str, plog: RunLogger, sweep_dir: Path, na
     from iceaggr_tune import mlflow_runs
 
     try:
-        client = mlflow_runs.client_for(uri)
-        curves = loss_histories(client, mlflow_runs.child_runs(uri, parent))
+        curves = loss_histories(plog.client, mlflow_runs.child_runs(uri, parent))
         if not curves:
             return
         png = plot_loss_curves(curves, sweep_dir / "loss_curves.png", f"sweep {name}: loss curves")

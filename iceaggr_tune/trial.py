@@ -33,7 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from iceaggr.config import ExperimentConfig, from_dict, to_dict
 from iceaggr.probe import cell_from_result
-from iceaggr.tracking import RunLogger
+from iceaggr.tracking import DEFAULT_WAIT_S, RunLogger
 from iceaggr.train import CHECKPOINT_NAME, train
 from iceaggr_tune import mlflow_runs
 from iceaggr_tune.early_stop import get_board
@@ -70,7 +70,7 @@ class TrialSettings:
     """Name of the sweep's early-stopping :class:`~iceaggr_tune.early_stop.RungBoard` actor."""
     worker_resources: dict[str, float] | None = None
     """Extra (custom) resources per worker, e.g. ``{"trainer": 1}`` to pin a node type."""
-    mlflow_wait_s: float = 1800.0
+    mlflow_wait_s: float = DEFAULT_WAIT_S
     """How long MLflow bookkeeping waits for an unreachable tracking server."""
     mlflow_spool_dir: str | None = None
     """Shared folder for MLflow records a worker could not send yet (None: per checkpoint)."""

@@ -66,9 +66,13 @@ def sweep_tracking_uri(tmp_path: Path) -> str:
     """
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = _sweep_store_uri(tmp_path)
     MlflowClient(tracking_uri=uri).search_experiments()
     return uri
+
+
+def _sweep_store_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def lr_sweep_command(tmp_path: Path, data: Path, *extra: str) -> list[str]:
@@ -83,7 +87,7 @@ def lr_sweep_command(tmp_path: Path, data: Path, *extra: str) -> list[str]:
         "--storage-path",
         str(tmp_path / "sweeps"),
         "--tracking-uri",
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        _sweep_store_uri(tmp_path),
         *extra,
     ]
 
@@ -107,7 +111,8 @@ class MlflowServer:
         import os
         import subprocess
         import time
-        import urllib.request
+
+        from iceaggr_tune.mlflow_watch import MlflowWatch
 
         self.starts += 1
         log = (self.root / f"server-{self.starts}.log").open("w")
@@ -130,14 +135,11 @@ class MlflowServer:
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self.url
-            except OSError:
-                time.sleep(0.5)
+            if MlflowWatch(self.url).healthy():
+                return self.url
             if self.proc.poll() is not None:
                 break
+            time.sleep(0.5)
         self.stop()
         raise RuntimeError("mlflow server did not come up: " + self.log_text())
 
