@@ -515,6 +515,7 @@ def train(
                         },
                     )
             if report is not None and report(metrics, step, ckpt) and step < tc.max_steps:
+                result.steps = step  # the loop's own update below is skipped by the break
                 result.stopped_early = True
                 log.info("stopping early at step %d (asked by the report callback)", step)
                 break

@@ -314,6 +314,30 @@ def test_resume_from_checkpoint_is_exact(small_dataset: Path, tmp_path: Path) ->
     assert resumed.val_angle == pytest.approx(straight.val_angle, abs=1e-6)
 
 
+def test_report_callback_can_stop_the_run_early(small_dataset: Path, tmp_path: Path) -> None:
+    """The early-stopping path of the sweep: the callback returns True at a report."""
+    cfg = make_cfg(small_dataset, tmp_path, max_steps=12, log_every=3, eval_every=0)
+    seen: list[int] = []
+
+    def stop_at_6(metrics: dict[str, float], step: int, ckpt: Path | None) -> bool:
+        seen.append(step)
+        return step == 6
+
+    result = train(cfg, report=stop_at_6, progress=False)
+    assert seen == [3, 6]
+    assert result.stopped_early
+    assert result.steps == 6
+    assert [h["step"] for h in result.history] == [3, 6]
+
+    # Asking to stop at the last step is an ordinary finish.
+    last = train(
+        make_cfg(small_dataset, tmp_path / "last", max_steps=6, log_every=3, eval_every=0),
+        report=lambda m, step, c: step == 6,
+        progress=False,
+    )
+    assert not last.stopped_early and last.steps == 6
+
+
 # ---------------------------------------------------------------- input audit
 
 
