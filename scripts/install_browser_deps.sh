@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# Installs what tests/test_mlflow_ui.py needs: Debian's chromium and, in tests/browser,
-# playwright-core from package-lock.json. Idempotent, and quick when both are already there.
-# Playwright's own browser downloads are never used: the tests drive /usr/bin/chromium.
+# Installs what tests/test_mlflow_ui.py needs: a Chromium (Debian's package, or the one at
+# $CHROMIUM_PATH) and, in tests/browser, playwright-core from package-lock.json (Node.js 20+).
+# Idempotent, and quick when everything is already there. Playwright's own browser downloads
+# are never used. Exits non-zero with one line saying what is missing when it cannot install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x /usr/bin/chromium ]; then
-    echo "install_browser_deps: installing Debian chromium"
+NODE_MAJOR_MIN=20
+chromium="${CHROMIUM_PATH:-/usr/bin/chromium}"
+
+if [ -n "${CHROMIUM_PATH:-}" ] && [ ! -x "$chromium" ]; then
+    echo "install_browser_deps: CHROMIUM_PATH=$chromium is not an executable file" >&2
+    exit 1
+fi
+if [ ! -x "$chromium" ]; then
     export DEBIAN_FRONTEND=noninteractive
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install_browser_deps: no Chromium at $chromium and no apt-get: install Chromium" \
+            "and set CHROMIUM_PATH to its binary" >&2
+        exit 1
+    fi
     if [ "$(id -u)" -ne 0 ]; then
-        if ! command -v sudo >/dev/null 2>&1; then
-            echo "install_browser_deps: /usr/bin/chromium is missing; install Debian's chromium" \
-                "package as root (apt-get install chromium)" >&2
+        # Never prompt for a password from make: sudo -n fails at once instead.
+        if ! command -v sudo >/dev/null 2>&1 || ! sudo -n true 2>/dev/null; then
+            echo "install_browser_deps: no Chromium at $chromium; install it as root" \
+                "(apt-get install chromium) or set CHROMIUM_PATH to a Chromium binary" >&2
             exit 1
         fi
-        apt-get() { sudo DEBIAN_FRONTEND=noninteractive apt-get "$@"; }
+        apt-get() { sudo -n DEBIAN_FRONTEND=noninteractive apt-get "$@"; }
     fi
+    echo "install_browser_deps: installing Debian chromium"
     # apt-get update only when there are no package lists or they lack chromium, or the
     # install fails on stale lists.
     lists="$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' 2>/dev/null | head -n 1)" \
@@ -30,7 +44,14 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    echo "install_browser_deps: node and npm are required (Node.js 20+)" >&2
+    echo "install_browser_deps: node and npm are not on PATH: install Node.js" \
+        "$NODE_MAJOR_MIN+ (e.g. apt-get install nodejs npm)" >&2
+    exit 1
+fi
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if [ "$node_major" -lt "$NODE_MAJOR_MIN" ]; then
+    echo "install_browser_deps: Node.js $(node --version) is too old; playwright-core needs" \
+        "Node.js $NODE_MAJOR_MIN+" >&2
     exit 1
 fi
 

@@ -8,6 +8,7 @@ worker must run on a worker node. The MLflow server is a real ``mlflow server`` 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -62,29 +63,86 @@ def test_mlflow_port_matches_readme_and_sweep_docs():
     assert "--dashboard-host=127.0.0.1" in start
 
 
-def test_cluster_installs_this_version_with_pinned_dependencies():
+def _lock_module():
+    """``scripts/lock.py``, the one place that derives the cluster's pins from the lock."""
+    spec = importlib.util.spec_from_file_location("lock", REPO / "scripts" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cluster_installs_this_version_with_the_locked_dependencies():
     cfg = _cluster_config()
     assert cfg["file_mounts"]["~/iceaggr-tune"] == "."
     setup = " ".join(cfg["setup_commands"])
     assert "-c ~/iceaggr-tune/cluster/constraints.txt" in setup
     assert "-e ~/iceaggr-tune" in setup
-    pins = {}
-    for line in (REPO / "cluster" / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[name.lower()] = version
-    pyproject = (REPO / "pyproject.toml").read_text()
-    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
-    assert pins["iceaggr-tune"] == version
-    import mlflow
-    import optuna
-    import ray
-
-    assert pins["ray"] == ray.__version__
-    assert pins["optuna"] == optuna.__version__
-    assert pins["mlflow"] == mlflow.__version__
+    lock = _lock_module()
+    # cluster/constraints.txt is exactly what scripts/lock.py derives from the lock.
+    assert lock.CONSTRAINTS.read_text() == lock.expected_constraints(), "run `make lock`"
+    pins = lock.pins(lock.CONSTRAINTS.read_text())
+    locked = lock.pins(lock.LOCK.read_text())
+    assert {k: v for k, v in pins.items() if k in locked} == locked
+    assert pins["iceaggr-tune"] == lock.project_version(lock.PYPROJECT.read_text())
+    assert pins["torch"] == lock.pins(lock.TORCH.read_text())["torch"]
     image = cfg["docker"]["image"]
-    assert f"ray:{ray.__version__}" in image and "gpu" in image
+    assert f"ray:{pins['ray']}" in image and "gpu" in image
+
+
+def test_constraints_derivation_is_exact():
+    lock = _lock_module()
+    text = lock.constraints_text(
+        "b==2.0\n    # via a\nA-Pkg==1.0 ; python_version >= '3.10'\n# torch\n",
+        "# comment\ntorch==9.9.9\n",
+        "0.3.0",
+    )
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "iceaggr-tune==0.3.0",
+        "torch==9.9.9",
+        "a-pkg==1.0",
+        "b==2.0",
+    ]
+    with pytest.raises(ValueError, match="must pin exactly torch"):
+        lock.constraints_text("a==1\n", "numpy==2.0\n", "0.1.0")
+
+
+def test_lock_leaves_out_torch_and_cuda_libraries():
+    """Installing the lock on a laptop never pulls a CUDA build or its libraries."""
+    locked = _lock_module().pins((REPO / "requirements" / "lock.txt").read_text())
+    assert "torch" not in locked
+    assert not [n for n in locked if n.startswith(("nvidia-", "triton"))], sorted(locked)
+    for tool in ("pytest", "ruff", "pip-tools", "ray", "optuna", "mlflow"):
+        assert tool in locked, f"{tool} is not pinned in requirements/lock.txt"
+
+
+def test_this_environment_was_installed_from_the_lock():
+    """The tests, linters and sweep run with the locked versions (make installs them), and the
+    ranges that pyproject.toml declares for library users admit every one of them."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    lock = _lock_module()
+    locked = lock.pins(lock.LOCK.read_text())
+    installed = {n: metadata.version(n) for n in locked if _installed(n)}
+    wrong = {n: (v, installed.get(n)) for n, v in locked.items() if installed.get(n) != v}
+    assert not wrong, f"not the locked versions (locked, installed): {wrong}; run `make venv`"
+    torch_pin = lock.pins(lock.TORCH.read_text())["torch"]
+    assert metadata.version("torch").split("+")[0] == torch_pin
+    for spec in metadata.requires("iceaggr-tune") or []:
+        req = Requirement(spec)
+        version = torch_pin if req.name == "torch" else locked[req.name.lower()]
+        assert req.specifier.contains(version, prereleases=True), (req, version)
+
+
+def _installed(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- a real multi-node sweep

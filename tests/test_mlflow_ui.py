@@ -14,7 +14,8 @@ Node script ``tests/browser/mlflow_ui.mjs`` then drives Debian's Chromium throug
 
 Every view is saved as a full-page screenshot under ``$ICEAGGR_SCREENSHOT_DIR`` (default
 ``runs/ui-screenshots/``) for a person to look at. Nothing is skipped: a missing Node, Chromium
-or ``playwright-core`` fails the test with the command that installs it.
+or ``playwright-core`` skips the test with the command that installs it, and fails it under
+``CI=true`` (where ``.ci/run`` installs them).
 """
 
 from __future__ import annotations
@@ -48,16 +49,38 @@ SCREENSHOTS = (
 )
 
 
-def _node() -> str:
-    """The Node binary, Chromium and playwright-core, or a failure saying how to install them."""
+NODE_MAJOR_MIN = 20
+
+
+def _missing_browser_deps() -> str | None:
+    """What the browser script lacks (Node.js 20+, Chromium, playwright-core), or None."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail("node is not on PATH: install Node.js 20+ (e.g. apt-get install nodejs)")
+        return f"node is not on PATH: install Node.js {NODE_MAJOR_MIN}+ (apt-get install nodejs)"
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+    major = int(version.lstrip("v").split(".")[0] or 0)
+    if major < NODE_MAJOR_MIN:
+        return f"Node.js {version} is too old: playwright-core needs Node.js {NODE_MAJOR_MIN}+"
     if not CHROMIUM.exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: {INSTALL_HINT}")
+        return f"no Chromium at {CHROMIUM} (set CHROMIUM_PATH): {INSTALL_HINT}"
     if not (BROWSER_DIR / "node_modules" / "playwright-core" / "package.json").exists():
-        pytest.fail(f"playwright-core is not installed in {BROWSER_DIR}: {INSTALL_HINT}")
-    return node
+        return f"playwright-core is not installed in {BROWSER_DIR}: {INSTALL_HINT}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The Node binary, once Chromium and playwright-core are there too.
+
+    Without them the test is skipped with the reason, except under ``CI=true``, where a
+    missing dependency is a failure (CI installs them, so a skip there would hide a regression).
+    """
+    missing = _missing_browser_deps()
+    if missing is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and the MLflow UI browser test cannot run: {missing}")
+        pytest.skip(f"MLflow UI browser test: {missing}")
+    return shutil.which("node")  # type: ignore[return-value]
 
 
 @dataclass
@@ -120,13 +143,12 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def test_mlflow_ui_shows_sweep_runs_compare_chart_and_artifacts(smoke_sweep, screenshot_dir):
+def test_mlflow_ui_shows_sweep_runs_compare_chart_and_artifacts(node, smoke_sweep, screenshot_dir):
     """The browser script's checks all pass, and it leaves a real screenshot of every view.
 
     The script exits non-zero on the first check that fails; its whole output (which says what
     the page showed instead) and the server log's tail then make up this test's failure.
     """
-    node = _node()
     cmd = [
         node,
         str(SCRIPT),
