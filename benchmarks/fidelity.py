@@ -15,7 +15,11 @@ Run from the repository root::
 Definitions: "capped" statistics keep the first 3,000 pulses (in time order) of each event, as a
 model with a 3,000-pulse limit sees them; the single-pulse fraction is over the hit DOMs of the
 capped events; time, charge and auxiliary fractions are over all pulses (the auxiliary fraction
-of the capped events is listed too).
+of the capped events is listed too). The time rows describe the readout: percentiles of the raw
+pulse times (over all pulses, from a 10 ns histogram), of each event's last raw time and of each
+event's time span (last minus first pulse), and the share of events whose last pulse lies beyond
+60,000 ns. The real data's values of those are not known here (only its overall minimum and
+maximum), so their "real" column is empty.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ from iceaggr.synth import write_synthetic_dataset
 
 PULSE_CAP = 3_000
 """Pulses per event kept by the capped statistics."""
+LATE_TIME_NS = 60_000
+"""Events whose last raw pulse time exceeds this are counted as late (real maximum: ~7.8e4 ns)."""
+_TIME_BIN_NS = 10
+"""Bin width of the raw-time histogram the pulse-time percentiles are read from."""
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "fidelity.json"
 
 REAL: dict[str, float | str] = {
@@ -71,6 +79,15 @@ LABELS: dict[str, str] = {
     "single_pulse_dom_fraction": "hit DOMs with a single pulse (cap 3,000)",
     "time_min_ns": "raw time min (ns)",
     "time_max_ns": "raw time max (ns)",
+    "time_p50_ns": "raw time P50, all pulses (ns)",
+    "time_p99_ns": "raw time P99, all pulses (ns)",
+    "time_p99_9_ns": "raw time P99.9, all pulses (ns)",
+    "event_last_time_p50_ns": "last raw time of an event, P50 (ns)",
+    "event_last_time_p99_ns": "last raw time of an event, P99 (ns)",
+    "event_span_p50_ns": "time span of an event, P50 (ns)",
+    "event_span_p90_ns": "time span of an event, P90 (ns)",
+    "event_span_p99_ns": "time span of an event, P99 (ns)",
+    "late_event_fraction": "events with a pulse after 60,000 ns",
     "charge_min_pe": "charge min (p.e.)",
     "charge_max_pe": "charge max (p.e.)",
     "auxiliary_fraction": "auxiliary fraction (all pulses)",
@@ -86,6 +103,9 @@ def dataset_statistics(data_dir: Path) -> dict[str, float]:
     capped_pulses = capped_doms = capped_single = capped_aux = 0
     n_all = n_aux = 0
     t_min, t_max = np.inf, -np.inf
+    time_hist = np.zeros(1, dtype=np.int64)
+    last_times: list[np.ndarray] = []
+    spans: list[np.ndarray] = []
     q_min, q_max = np.inf, -np.inf
     for batch_id, m in meta.groupby("batch_id", sort=True):
         table = pq.read_table(
@@ -102,6 +122,16 @@ def dataset_statistics(data_dir: Path) -> dict[str, float]:
         n_all += int(count.sum())
         n_aux += int(aux.sum())
         t_min, t_max = min(t_min, float(t.min())), max(t_max, float(t.max()))
+        hist = np.bincount(np.maximum(t, 0) // _TIME_BIN_NS)
+        if hist.shape[0] > time_hist.shape[0]:
+            hist[: time_hist.shape[0]] += time_hist
+            time_hist = hist
+        else:
+            time_hist[: hist.shape[0]] += hist
+        first_t = np.minimum.reduceat(t, first)  # events are contiguous, in meta order
+        last_t = np.maximum.reduceat(t, first)
+        last_times.append(last_t)
+        spans.append(last_t - first_t)
         q_min, q_max = min(q_min, float(q.min())), max(q_max, float(q.max()))
 
         # The first PULSE_CAP rows of every event (rows are time-ordered within an event).
@@ -119,6 +149,12 @@ def dataset_statistics(data_dir: Path) -> dict[str, float]:
     counts = np.concatenate(n_pulses)
     n_events = int(counts.shape[0])
     p50, p90, p99, p999 = np.percentile(counts, [50, 90, 99, 99.9])
+    cdf = np.cumsum(time_hist) / time_hist.sum()
+    t50, t99, t999 = (np.searchsorted(cdf, q) * _TIME_BIN_NS for q in (0.5, 0.99, 0.999))
+    last = np.concatenate(last_times)
+    span = np.concatenate(spans)
+    last50, last99 = np.percentile(last, [50, 99])
+    span50, span90, span99 = np.percentile(span, [50, 90, 99])
     return {
         "n_events": n_events,
         "pulses_p50": float(p50),
@@ -131,6 +167,15 @@ def dataset_statistics(data_dir: Path) -> dict[str, float]:
         "single_pulse_dom_fraction": capped_single / capped_doms,
         "time_min_ns": t_min,
         "time_max_ns": t_max,
+        "time_p50_ns": float(t50),
+        "time_p99_ns": float(t99),
+        "time_p99_9_ns": float(t999),
+        "event_last_time_p50_ns": float(last50),
+        "event_last_time_p99_ns": float(last99),
+        "event_span_p50_ns": float(span50),
+        "event_span_p90_ns": float(span90),
+        "event_span_p99_ns": float(span99),
+        "late_event_fraction": float(np.mean(last > LATE_TIME_NS)),
         "charge_min_pe": q_min,
         "charge_max_pe": q_max,
         "auxiliary_fraction": n_aux / n_all,

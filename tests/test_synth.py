@@ -298,3 +298,207 @@ def test_sparse_poisson_sampler_is_poisson(mu: float) -> None:
     assert counts.var() == pytest.approx(mu32, rel=0.03, abs=1e-3)
     p0 = np.exp(-mu32)
     assert (counts == 0).mean() == pytest.approx(p0, abs=4 * np.sqrt(p0 * (1 - p0) / n) + 1e-4)
+
+
+# -------------------------------------------------------------------------------------------------
+# Afterpulses, DOM launches, local coincidence, trigger and readout windows
+# -------------------------------------------------------------------------------------------------
+def _sorted_pulses(
+    event: list[int], sensor: list[int], time: list[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ev, sid, t = np.array(event), np.array(sensor), np.array(time, dtype=np.float64)
+    order = np.argsort(synth._sort_key(ev, sid, t), kind="stable")
+    return ev[order], sid[order], t[order]
+
+
+def test_afterpulses_follow_their_dom_light_with_pmt_delays() -> None:
+    """400 isolated DOMs, 200 photoelectrons each at t = 0 from 1 mm (no scattering delay):
+    every pulse after the prompt light is an afterpulse; count, delays, charge and flags are the
+    PMT's."""
+    n_dom, n_pe = 400, 200
+    hits = synth._Hits(
+        event=np.arange(n_dom, dtype=np.int64),
+        sensor=np.full(n_dom, 5 * 60 + 30, dtype=np.int64),  # one DOM per event
+        n_pe=np.full(n_dom, n_pe, dtype=np.int64),
+        time=np.zeros(n_dom),
+        dist=np.full(n_dom, 1e-3),
+    )
+    ev, sid, t, q, co = synth._merge_photons(*synth._photons(np.random.default_rng(4), [hits]))
+    assert not co.any() and np.all(sid == 5 * 60 + 30)
+    late = t > 50.0  # the prompt light arrives within the PMT jitter (2 ns) of t = 0
+    assert np.mean(np.abs(t[~late]) < 10.0) > 0.99
+    delay = t[late]
+    expected = synth.AFTERPULSE_PROBABILITY * n_pe * n_dom  # 4,800
+    assert abs(delay.shape[0] - expected) < 4 * np.sqrt(expected), delay.shape[0]
+    assert delay.min() > 100.0 and delay.max() < 12_000.0  # ~0.5-10 us after the light
+    # The three delay groups of AFTERPULSE_GROUPS: ~0.6 us (20%), ~2 us (50%), ~8 us (30%).
+    shares = np.histogram(delay, [50, 1_200, 4_000, 12_000])[0] / delay.shape[0]
+    np.testing.assert_allclose(shares, [0.2, 0.5, 0.3], atol=0.03)
+    assert 0.8 <= np.mean(q[late]) <= 1.0  # single photoelectrons (mean of the SPE charge 0.89)
+    # Afterpulses more than a launch window after the light open a launch of their own; with no
+    # neighbour launching near them they are soft-local-coincidence (auxiliary) pulses.
+    hlc = synth._hlc_pulses(synth._detector(make_geometry()), ev, sid, t)
+    assert not hlc.any()
+    starts = synth._launch_starts(ev, sid, t)
+    first_t = np.full(n_dom, np.inf)
+    np.minimum.at(first_t, ev, t)
+    after = np.flatnonzero(t - first_t[ev] > synth.LAUNCH_WINDOW_NS)
+    first_after = after[np.r_[True, ev[after][1:] != ev[after][:-1]]]
+    assert first_after.shape[0] > 0.9 * n_dom and starts[first_after].all()
+    assert starts.sum() == n_dom + first_after.shape[0]  # no DOM launches a third time
+
+
+def test_launch_starts() -> None:
+    # One DOM: a launch at 0 holds pulses up to 6,400 ns after it; 6,401 opens the next launch,
+    # 13,000 (6,599 after that) the next, and so on. A new DOM or event always opens one.
+    ev, sid, t = _sorted_pulses(
+        [0, 0, 0, 0, 0, 0, 0, 1],
+        [7, 7, 7, 7, 7, 7, 8, 8],
+        [0.0, 100.0, 6_400.0, 6_401.0, 13_000.0, 19_400.5, 50.0, 60.0],
+    )
+    starts = synth._launch_starts(ev, sid, t)
+    assert starts.tolist() == [True, False, False, True, True, True, True, True]
+
+
+def test_local_coincidence_is_per_launch() -> None:
+    det = synth._detector(make_geometry())
+    # String 1: DOM 10 launches at 0 (with a later pulse at 3,000 in the same launch) and again
+    # at 9,000; DOM 11 at 500; DOM 13 (three away from 10, two from 11) at 9,100. Sensors 59
+    # and 60 fire together but sit on different strings.
+    ev, sid, t = _sorted_pulses(
+        [0] * 7,
+        [10, 10, 10, 11, 13, 59, 60],
+        [0.0, 3_000.0, 9_000.0, 500.0, 9_100.0, 20_000.0, 20_000.0],
+    )
+    hlc = synth._hlc_pulses(det, ev, sid, t)
+    got = {(int(s), float(x)): bool(h) for s, x, h in zip(sid, t, hlc, strict=True)}
+    assert got == {
+        (10, 0.0): True,  # with DOM 11 at 500
+        (10, 3_000.0): True,  # same launch as 0
+        (10, 9_000.0): False,  # a new launch: DOM 11 launched 8.5 us earlier, DOM 13 is 3 away
+        (11, 500.0): True,
+        (13, 9_100.0): False,  # DOM 11 (two away) launched 8.6 us earlier
+        (59, 20_000.0): False,
+        (60, 20_000.0): False,
+    }
+
+
+def test_smt_trigger_needs_eight_hlc_launches_within_its_window() -> None:
+    w = synth.SMT_WINDOW_NS
+    ev = np.array([0] * 8 + [1] * 8 + [2] * 10)
+    t = np.concatenate(
+        [
+            np.linspace(0.0, w, 8),  # exactly in the window: a trigger
+            np.linspace(0.0, w + 1.0, 8),  # 1 ns too long: none
+            [-20_000.0, 0.0],  # two lone launches, then eight in 4 us
+            np.linspace(10.0, 4_010.0, 8),
+        ]
+    )
+    covered = synth._smt_trigger(ev, t)
+    assert covered.tolist() == [True] * 8 + [False] * 8 + [False] + [True] * 9
+
+
+def _cluster(event: int, string: int, t0: float, n: int = 8) -> tuple[list[int], list[int], list]:
+    """``n`` neighbouring DOMs of a string launching 100 ns apart from ``t0``: all HLC."""
+    return [event] * n, [string * 60 + k for k in range(n)], [t0 + 100.0 * k for k in range(n)]
+
+
+def test_readout_windows_merge_overlapping_triggers_and_keep_far_ones() -> None:
+    det = synth._detector(make_geometry())
+    pre, post = synth.READOUT_PRE_TRIGGER_NS, synth.READOUT_POST_TRIGGER_NS
+    parts = [
+        (_cluster(0, 0, 0.0), False),  # event 0: the neutrino triggers at 0-700 ns,
+        (_cluster(0, 1, 8_000.0), True),  # a muon 8 us later (its readout overlaps): merged,
+        (_cluster(0, 2, 30_000.0), True),  # a muon 30 us later: a window of its own
+        (_cluster(1, 0, 0.0), True),  # event 1: only a coincident muon triggers
+        (_cluster(2, 0, 0.0, n=7), False),  # event 2: seven HLC launches do not trigger
+    ]
+    ev = np.concatenate([c[0] for c, _ in parts])
+    sid = np.concatenate([c[1] for c, _ in parts])
+    t = np.concatenate([c[2] for c, _ in parts]).astype(np.float64)
+    co = np.concatenate([np.full(len(c[0]), muon) for c, muon in parts])
+    order = np.argsort(synth._sort_key(ev, sid, t), kind="stable")
+    readout = synth._readout(det, ev[order], sid[order], t[order], co[order])
+    assert readout.kept.tolist() == [0]
+    assert readout.event.tolist() == [0, 0]
+    np.testing.assert_allclose(readout.lo, [0.0 - pre, 30_000.0 - pre])
+    np.testing.assert_allclose(readout.hi, [8_700.0 + post, 30_700.0 + post])
+    inside = readout.contains(
+        np.array([0, 0, 0, 0, 0, 1]), np.array([-pre - 1, -pre, 14_700.0, 20_000.0, 36_700.0, 0.0])
+    )
+    assert inside.tolist() == [False, True, True, False, True, False]
+
+
+@pytest.fixture(scope="module")
+def candidates() -> list[synth._Chunk]:
+    """Six rounds of 2,048 candidates (~3,700 kept events), with the coincident-muon flags."""
+    det = synth._detector(make_geometry())
+    rng = np.random.default_rng(21)
+    return [synth._simulate_candidates(rng, det, 2_048) for _ in range(6)]
+
+
+def _per_event(chunk: synth._Chunk) -> dict[str, np.ndarray]:
+    """Per kept event: first and last raw time, coincident-muon pulses, first HLC pulse of the
+    neutrino and of anything, a gap longer than a readout's pre + post time."""
+    ev, t = chunk.event, chunk.time
+    n = int(ev.max()) + 1
+    first, last = np.full(n, np.inf), np.full(n, -np.inf)
+    np.minimum.at(first, ev, t)
+    np.maximum.at(last, ev, t)
+    hlc, own = ~chunk.auxiliary, ~chunk.coincident
+    first_hlc, first_own_hlc = np.full(n, np.inf), np.full(n, np.inf)
+    np.minimum.at(first_hlc, ev[hlc], t[hlc])
+    np.minimum.at(first_own_hlc, ev[hlc & own], t[hlc & own])
+    same = ev[1:] == ev[:-1]
+    long_gap = same & (np.diff(t) > synth.READOUT_PRE_TRIGGER_NS + synth.READOUT_POST_TRIGGER_NS)
+    k = chunk.kept
+    return {
+        "first": first[k],
+        "last": last[k],
+        "coincident": np.bincount(ev, chunk.coincident, minlength=n)[k] > 0,
+        "first_hlc": first_hlc[k],
+        "first_own_hlc": first_own_hlc[k],
+        "gap": np.bincount(ev[1:], long_gap, minlength=n)[k] > 0,
+    }
+
+
+def test_coincident_muons_stretch_events_to_the_real_time_scale(
+    candidates: list[synth._Chunk],
+) -> None:
+    per = [_per_event(c) for c in candidates]
+    s = {key: np.concatenate([p[key] for p in per]) for key in per[0]}
+    n = s["last"].shape[0]
+    assert n > 2_500
+    # ~7% of the events hold pulses of a coincident muon (at most the share with >= 1 muon).
+    share = s["coincident"].mean()
+    mean_muons = synth.COINCIDENT_MUON_RATE_HZ * 1e-9 * 2 * synth.COINCIDENCE_WINDOW_NS
+    assert 0.05 <= share <= 0.10 < 1 - np.exp(-mean_muons), share
+    # Times count from the event's first trigger: nothing before its readout opens; the largest
+    # raw times come from muons at the ends of the window, no later than two windows on.
+    opens = synth.TRIGGER_TIME_NS - synth.READOUT_PRE_TRIGGER_NS
+    assert opens <= s["first"].min() <= opens + 10
+    bound = synth.TRIGGER_TIME_NS + 2 * synth.COINCIDENCE_WINDOW_NS + synth.READOUT_POST_TRIGGER_NS
+    assert s["last"].max() <= bound + 5_000
+    # ~1% of the events reach beyond 40 us, all of them through a coincident muon (without
+    # one, an event ends before ~30 us: its trigger plus late light and afterpulses that keep
+    # triggering bright events, plus the 6 us post-trigger readout).
+    late = s["last"] > 40_000
+    assert 0.006 <= late.mean() <= 0.025, late.mean()
+    assert s["coincident"][late].all()
+    assert s["last"][~s["coincident"]].max() < 35_000
+    # Where a muon triggered first, the neutrino's own light comes microseconds later.
+    late_own = s["first_own_hlc"] > synth.TRIGGER_TIME_NS + 5_000
+    assert 0.01 <= late_own.mean() <= 0.05, late_own.mean()
+    assert s["coincident"][late_own].all()
+    assert np.all(s["first_hlc"][late_own] < s["first_own_hlc"][late_own])
+    # A muon far from the neutrino is read out in a window of its own: a gap with no pulses.
+    assert 0.005 <= s["gap"].mean() <= 0.04 and s["coincident"][s["gap"]].all()
+
+
+def test_simulation_is_a_function_of_the_generator_state() -> None:
+    det = synth._detector(make_geometry())
+    a = synth._simulate_candidates(np.random.default_rng(9), det, 512)
+    b = synth._simulate_candidates(np.random.default_rng(9), det, 512)
+    for field in synth._Chunk.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    assert a.coincident.any()  # the comparison covers coincident-muon pulses too
