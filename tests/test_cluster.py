@@ -44,7 +44,7 @@ def test_cluster_yaml_opens_only_ssh_to_the_internet():
 
 def _mlflow_command() -> str:
     cmds = _cluster_config()["head_start_ray_commands"]
-    found = [c for c in cmds if "mlflow server" in c]
+    found = [c for c in cmds if "iceaggr mlflow-server" in c]
     assert len(found) == 1, cmds
     return found[0]
 
