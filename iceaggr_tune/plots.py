@@ -176,3 +176,55 @@ def plot_stability_table(
     sub = ", ".join(f"{k} {v}" for k, v in meta.items() if k in ("steps", "batch_size", "sweep"))
     ax.set_title("Learning-rate stability" + (f" ({sub})" if sub else ""), fontsize=11)
     return _save(plt, fig, path)
+
+
+def plot_search_landscape(
+    trials: Sequence[dict[str, Any]],
+    path: str | Path,
+    title: str,
+    references: dict[str, float] | None = None,
+) -> Path:
+    """``search_landscape.png``: best validation error (rad) of every search trial against its
+    learning rate (log axis), coloured by dropout; early-stopped trials hollow, diverged ones
+    as red crosses at the top edge; ``references`` (e.g. line fit, random) as dashed lines.
+
+    ``trials``: dicts with ``lr``, ``dropout``, ``best_val`` (None when diverged),
+    ``stopped_early`` and ``diverged``.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    refs = dict(references or {})
+    finite = [t for t in trials if t.get("best_val") is not None and not t.get("diverged")]
+    values = [t["best_val"] for t in finite] + list(refs.values())
+    top = max(values, default=math.pi / 2) + 0.03
+    bottom = min(values, default=1.0) - 0.05
+    lo, hi = 0.0, max([t.get("dropout", 0.0) for t in trials] + [1e-9])
+    cmap = plt.get_cmap("viridis")
+    for t in finite:
+        colour = cmap((t.get("dropout", 0.0) - lo) / (hi - lo) if hi > lo else 0.0)
+        face = "none" if t.get("stopped_early") else colour
+        ax.scatter(t["lr"], t["best_val"], s=60, facecolors=face, edgecolors=colour, lw=1.8)
+    for t in trials:
+        if t.get("diverged"):
+            ax.scatter(t["lr"], top - 0.01, marker="x", s=70, color="#c62828", lw=2)
+    for i, (name, value) in enumerate(refs.items()):
+        ax.axhline(value, ls="--", lw=1, color=("#616161", "#9e9e9e")[i % 2])
+        label = f"{name} {value:.3f}"
+        at = ("axes fraction", "data")
+        ax.annotate(label, (0.01, value), xycoords=at, xytext=(0, 3), textcoords="offset points",
+                    fontsize=8, color="#424242")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_ylim(bottom, top)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("best validation angular error (rad)")
+    ax.set_title(title, fontsize=10)
+    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
+    fig.colorbar(mappable, ax=ax, label="dropout")
+    handles = [
+        plt.Line2D([], [], ls="", marker="o", color="#455a64", label="finished"),
+        plt.Line2D([], [], ls="", marker="o", mfc="none", color="#455a64", label="stopped early"),
+        plt.Line2D([], [], ls="", marker="x", color="#c62828", label="diverged"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3, which="both")
+    return _save(plt, fig, path)

@@ -7,7 +7,8 @@ back from the MLflow server that the head started, and ``ray down -y``.
 
 What the test changes in a copy of ``cluster-onprem.yaml``, and only that: the head is
 127.0.0.1 with no workers, reached as root through ``nc`` to the test's sshd port; Ray's ports,
-the dashboard's and MLflow's are free ports, the head's address is 127.0.0.1, and Ray's temp dir
+the dashboard's and MLflow's are free ports, Ray is started with --node-ip-address=127.0.0.1
+and MLflow on 127.0.0.1, and Ray's temp dir
 is a scratch folder (so nothing collides with another Ray on this machine); the checkout's
 virtual environment is linked into the copy (``make venv`` there is then a no-op instead of a
 second install). Everything else (rsync of the checkout and the token, setup commands, token
