@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -35,29 +36,31 @@ def sweep_data(tmp_path_factory) -> Path:
     return path
 
 
-def _options(tmp: Path, data: Path, **kw) -> SweepOptions:
-    return SweepOptions.smoke(
-        data=str(data),
-        storage_path=str(tmp / "sweeps"),
-        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
-        table_lrs=TABLE_LRS,
-        **kw,
+def _options(tmp: Path, data: Path, changes: dict[str, Any]) -> SweepOptions:
+    return SweepOptions.smoke().changed(
+        {
+            "data.path": str(data),
+            "storage_path": str(tmp / "sweeps"),
+            "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "table.lrs": TABLE_LRS,
+            **changes,
+        }
     )
 
 
 def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_path):
-    opts = _options(tmp_path, sweep_data, name="records", trials=2)
+    opts = _options(tmp_path, sweep_data, {"name": "records", "search.trials": 2})
     result = run_sweep(opts)
     assert not result.interrupted
 
-    client = MlflowClient(tracking_uri=opts.tracking_uri)
+    client = MlflowClient(tracking_uri=opts.tracking.uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"stability_table.md", "stability_table.json", "best_config.json"} <= artifacts
 
-    runs = child_runs(opts.tracking_uri, result.parent_run_id)
-    assert len(runs) == 2 * len(TABLE_LRS) + opts.trials
+    runs = child_runs(opts.tracking.uri, result.parent_run_id)
+    assert len(runs) == 2 * len(TABLE_LRS) + opts.search.trials
     assert all(r.data.tags["mlflow.parentRunId"] == result.parent_run_id for r in runs)
     assert len({r.data.tags[TAG_TRIAL_ID] for r in runs}) == len(runs)
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -74,14 +77,14 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
     for r in diverged:
         assert r.info.status == "FAILED"
         step = int(r.data.tags["diverged_at_step"])
-        assert 1 <= step < opts.table_steps
+        assert 1 <= step < opts.table.steps
         assert "non-finite" in r.data.tags["divergence_reason"]
         history = client.get_metric_history(r.info.run_id, "loss")
         assert 1 <= len(history) <= step  # the curve up to the divergence, nothing after
     for r in healthy:
         assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "loss")) == opts.table_steps
-        assert len(client.get_metric_history(r.info.run_id, "grad_norm")) == opts.table_steps
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == opts.table.steps
+        assert len(client.get_metric_history(r.info.run_id, "grad_norm")) == opts.table.steps
 
     # The table: computed cells, the exploded ones marked.
     cells = {(c.lr, c.normalize): c for c in result.table or []}
@@ -99,7 +102,7 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
         study_name=OPTUNA_STUDY, storage=optuna_storage_url(Path(opts.storage_path) / "records")
     )
     states = [t.state for t in study.trials]
-    assert len(states) == opts.trials
+    assert len(states) == opts.search.trials
     assert optuna.trial.TrialState.RUNNING not in states
     assert result.best is not None and 0 < result.best["val_angle"] < 3.2
 
@@ -107,7 +110,15 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
 def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, tmp_path):
     # Every sampled lr is absurd: each trial must end diverged, penalized in Optuna.
     opts = _options(
-        tmp_path, sweep_data, name="diverging", table=False, trials=2, lr_min=1e2, lr_max=1e4
+        tmp_path,
+        sweep_data,
+        {
+            "name": "diverging",
+            "run_table": False,
+            "search.trials": 2,
+            "search.lr_min": 1e2,
+            "search.lr_max": 1e4,
+        },
     )
     result = run_sweep(opts)
     study = optuna.load_study(
@@ -115,7 +126,7 @@ def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, t
     )
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert all(t.value == pytest.approx(3.14159265, abs=1e-6) for t in study.trials)
-    runs = child_runs(opts.tracking_uri, result.parent_run_id)
+    runs = child_runs(opts.tracking.uri, result.parent_run_id)
     assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
     assert result.best is None
 
