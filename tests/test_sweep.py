@@ -22,7 +22,14 @@ from mlflow.tracking import MlflowClient
 
 from iceaggr.synth import write_synthetic_dataset
 from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
-from iceaggr_tune.sweep import OPTUNA_STUDY, SweepOptions, optuna_storage_url, run_sweep
+from iceaggr_tune.sweep import (
+    OPTUNA_STUDY,
+    SweepOptions,
+    base_experiment,
+    optuna_storage_url,
+    run_search,
+    run_sweep,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +98,18 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
     assert len(cells) == 4
     assert cells[(1e3, True)].status == "explodes"
     assert cells[(1e-4, True)].status != "explodes"
+    # Each cell is what its trial measured and classified, divergence report included.
+    by_cell = {
+        (float(r.data.params["lr"]), r.data.params["normalize"] == "True"): r for r in table_runs
+    }
+    for key, cell in cells.items():
+        tags = by_cell[key].data.tags
+        if cell.status == "explodes":
+            assert cell.diverged_at_step == int(tags["diverged_at_step"])
+            assert cell.divergence_reason == tags["divergence_reason"]
+        else:
+            assert cell.loss_change == pytest.approx(cell.loss_final - cell.loss_initial)
+            assert cell.divergence_reason is None
     table_json = json.loads(
         (Path(opts.storage_path) / "records" / "stability_table.json").read_text()
     )
@@ -185,3 +204,42 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_local, sweep_data, tmp
     for trial_id, end_time in finished_before.items():
         assert by_id[trial_id].info.end_time == end_time, "a finished trial ran again"
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def _boards(sweep: str) -> list[str]:
+    """Names of the live early-stop board actors of sweep ``sweep``."""
+    import ray
+
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"asha-{sweep}-")
+    ]
+
+
+def test_a_failing_tuner_leaves_no_early_stop_board(ray_local, sweep_data, tmp_path):
+    # The board is a detached actor: left alive, it outlives the sweep on a persistent cluster.
+    opts = _options(tmp_path, sweep_data, {"name": "board", "run_table": False})
+    sweep_dir = tmp_path / "sweeps" / "board"
+    sweep_dir.mkdir(parents=True)
+    not_a_folder = tmp_path / "not-a-folder"
+    not_a_folder.write_text("")  # Tune cannot put its experiment under a file
+    with pytest.raises(Exception, match="not-a-folder"):
+        run_search(opts, base_experiment(opts), "no-run", str(not_a_folder), sweep_dir, None)
+    deadline = time.time() + 30
+    while _boards("board") and time.time() < deadline:
+        time.sleep(0.5)
+    assert _boards("board") == []
+
+
+def test_sweep_records_keep_no_tracking_credentials(ray_local, mlflow_server, sweep_data, tmp_path):
+    host = mlflow_server.url.split("://", 1)[1]
+    uri = "http://alice:" + "s3cret" + f"@{host}"  # the server ignores them; requests sends them
+    changes = {"name": "creds", "tracking.uri": uri, "run_search": False, "table.lrs": (1e3,)}
+    result = run_sweep(_options(tmp_path, sweep_data, changes))
+    text = (tmp_path / "sweeps" / "creds" / "sweep.json").read_text()
+    assert "s3cret" not in text
+    assert json.loads(text)["tracking_uri"] == f"http://***@{host}"
+    params = MlflowClient(tracking_uri=mlflow_server.url).get_run(result.parent_run_id).data.params
+    assert params["sweep.tracking.uri"] == f"http://***@{host}"
+    assert len(result.table or []) == 2
