@@ -552,10 +552,11 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     result = SweepResult(name=name, parent_run_id=parent)
     status = "FAILED"
     try:
+        run = _Run(opts, base, tune_root, sweep_dir, plog, result)
         if opts.run_table:
-            _table_part(opts, base, tune_root, sweep_dir, plog, result)
+            _table_part(run)
         if opts.run_search and not result.interrupted:
-            _search_part(opts, base, tune_root, sweep_dir, plog, result)
+            _search_part(run)
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -572,56 +573,58 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     return result
 
 
-def _table_part(
-    opts: SweepOptions,
-    base: ExperimentConfig,
-    tune_root: str,
-    sweep_dir: Path,
-    plog: RunLogger,
-    result: SweepResult,
-) -> None:
-    """Run the table; record it in ``result`` and as Markdown, JSON and PNG artifacts."""
-    cells, results = run_table(opts, copy.deepcopy(base), result.parent_run_id, tune_root)
+@dataclass
+class _Run:
+    """What the two parts of one running sweep share."""
+
+    opts: SweepOptions
+    base: ExperimentConfig
+    tune_root: str
+    sweep_dir: Path
+    plog: RunLogger
+    result: SweepResult
+
+
+def _table_part(run: _Run) -> None:
+    """Run the table; record it in the result and as Markdown, JSON and PNG artifacts."""
+    opts, result = run.opts, run.result
+    cells, results = run_table(opts, copy.deepcopy(run.base), result.parent_run_id, run.tune_root)
     result.interrupted |= _unfinished(results, 2 * len(opts.table.lrs)) > 0
     result.table = cells
     result.overhead["table"] = trial_overhead(results)  # type: ignore[assignment]
     t = opts.table
-    meta = {
-        "steps": t.steps,
-        "batch_size": t.batch_size,
-        "data": opts.data.path,
-        "sweep": result.name,
-    }
-    md, js = write_table(cells, sweep_dir, meta=meta)
+    meta = {"steps": t.steps, "batch_size": t.batch_size, "data": opts.data.path}
+    md, js = write_table(cells, run.sweep_dir, meta={**meta, "sweep": result.name})
     png = plot_stability_table(
-        cells, sweep_dir / "stability_table.png", {"steps": t.steps, "sweep": result.name}
+        cells, run.sweep_dir / "stability_table.png", {"steps": t.steps, "sweep": result.name}
     )
     for path in (md, js, png):
-        plog.log_artifact(path)
+        run.plog.log_artifact(path)
 
 
-def _search_part(
-    opts: SweepOptions,
-    base: ExperimentConfig,
-    tune_root: str,
-    sweep_dir: Path,
-    plog: RunLogger,
-    result: SweepResult,
-) -> None:
-    """Run the search; record the best trial in ``result``, best_config.json and tags."""
+def _search_part(run: _Run) -> None:
+    """Run the search; record the best trial in the result, best_config.json and tags."""
+    opts, result = run.opts, run.result
     best, results, _ = run_search(
-        opts, copy.deepcopy(base), result.parent_run_id, tune_root, sweep_dir, result.table
+        opts,
+        copy.deepcopy(run.base),
+        result.parent_run_id,
+        run.tune_root,
+        run.sweep_dir,
+        result.table,
     )
     result.interrupted |= _unfinished(results, opts.search.trials) > 0
     result.best = best
     result.overhead["search"] = trial_overhead(results)  # type: ignore[assignment]
     if best is None:
         return
-    path = sweep_dir / "best_config.json"
+    path = run.sweep_dir / "best_config.json"
     path.write_text(json.dumps(best, indent=2))
-    plog.log_artifact(path)
-    plog.log_metrics({"best_val_angle": best["val_angle"]}, step=0)
-    plog.set_tags({TAG_BEST_LR: f"{best['lr']:.3g}", TAG_BEST_DROPOUT: f"{best['dropout']:.3f}"})
+    run.plog.log_artifact(path)
+    run.plog.log_metrics({"best_val_angle": best["val_angle"]}, step=0)
+    run.plog.set_tags(
+        {TAG_BEST_LR: f"{best['lr']:.3g}", TAG_BEST_DROPOUT: f"{best['dropout']:.3f}"}
+    )
 
 
 def _sync_left_over_records(spool_dir: Path, uri: str) -> None:
