@@ -12,14 +12,17 @@ evaluating both ends on the same events removes batch-to-batch sampling noise
 
 Status of a cell:
 
-* ``❌ EXPLODES``: a non-finite loss, prediction or gradient appeared;
+* ``❌ EXPLODES``: a non-finite loss, prediction or gradient appeared, or the fixed-batch
+  loss before the first or after the last step is not finite;
 * ``❌ Loss +x``: the loss did not fall;
 * ``⚠️ Loss -x``: it fell, but the largest pre-clip gradient norm crossed
   ``grad_norm_warn``;
 * ``✅ Loss -x``: it fell with tame gradients.
 
 Run it in one process with ``iceaggr probe``; ``python tune/lr_sweep.py`` runs
-each cell as a Ray Tune trial and uses the same functions to build the table.
+each cell as a Ray Tune trial. Both build a cell's config with :func:`probe_config` and
+classify it once, where it trained, with :func:`cell_from_result`; a Tune trial sends the
+:class:`Cell` back in its last report (:meth:`Cell.to_metrics`, :meth:`Cell.from_metrics`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +48,8 @@ PROBE_BATCH_SIZE = 256
 
 Status = Literal["ok", "warn", "no_decrease", "explodes"]
 SYMBOL = {"ok": "✅", "warn": "⚠️", "no_decrease": "❌", "explodes": "❌"}
+CELL_METRIC = "cell"
+"""Key of the cell (as JSON) in the last report of a table trial to Tune."""
 
 
 @dataclass
@@ -54,11 +60,14 @@ class Cell:
     loss_change: float | None
     """Final minus initial loss on the fixed batch (rad); None when it exploded."""
     loss_initial: float | None
+    """Fixed-batch loss before the first step (rad); None when not measured or not finite."""
     loss_final: float | None
+    """Fixed-batch loss after the last step (rad); None when not measured or not finite."""
     max_grad_norm: float
     """Largest finite pre-clip global gradient norm over the probe."""
     diverged_at_step: int | None = None
     divergence_reason: str | None = None
+    """What made the cell explode (the divergence report, or the non-finite fixed-batch loss)."""
     max_abs_input: float | None = None
     """Largest absolute model input (any feature) seen during the probe."""
 
@@ -67,6 +76,21 @@ class Cell:
         if self.status == "explodes":
             return "❌ EXPLODES"
         return f"{SYMBOL[self.status]} Loss {self.loss_change:+.3f}"
+
+    def to_metrics(self) -> dict[str, str]:
+        """The cell as one Tune metric: ``{"cell": <JSON>}`` (Tune keeps a string metric as
+        it is, through Ray Train's ``TuneReportCallback``, the ``ResultGrid`` and a restore)."""
+        return {CELL_METRIC: json.dumps(asdict(self))}
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> Cell:
+        """The cell a table trial reported with :meth:`to_metrics`, exactly as it was measured."""
+        if CELL_METRIC not in metrics:
+            raise ValueError(
+                f"no {CELL_METRIC!r} in the trial's metrics {sorted(metrics)}: "
+                "not the last report of a table trial"
+            )
+        return cls(**json.loads(metrics[CELL_METRIC]))
 
 
 def classify(
@@ -77,9 +101,11 @@ def classify(
     max_grad_norm: float,
     grad_norm_warn: float,
 ) -> tuple[Status, float | None]:
-    """Status and loss change of one cell from what the run measured."""
-    if diverged or loss_initial is None or loss_final is None:
+    """Status and loss change of one cell from what the run measured (a missing or
+    non-finite fixed-batch loss at either end counts as an explosion)."""
+    if diverged or not _finite(loss_initial) or not _finite(loss_final):
         return "explodes", None
+    assert loss_initial is not None and loss_final is not None  # _finite said so
     change = loss_final - loss_initial
     if change >= 0:
         return "no_decrease", change
@@ -88,16 +114,25 @@ def classify(
     return "ok", change
 
 
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def cell_from_result(
     lr: float, normalize: bool, result: TrainResult, grad_norm_warn: float
 ) -> Cell:
+    """The table cell of one probe run: classified here, where the run trained, and only here."""
+    initial, final = result.fixed_batch_loss_initial, result.fixed_batch_loss_final
     status, change = classify(
         diverged=result.diverged is not None,
-        loss_initial=result.fixed_batch_loss_initial,
-        loss_final=result.fixed_batch_loss_final,
+        loss_initial=initial,
+        loss_final=final,
         max_grad_norm=result.max_grad_norm,
         grad_norm_warn=grad_norm_warn,
     )
+    reason = result.diverged.summary() if result.diverged else None
+    if reason is None and status == "explodes":
+        reason = f"fixed-batch loss not finite: {initial} before the first step, {final} after"
     inputs = (
         result.diverged.max_abs_input
         if result.diverged
@@ -108,11 +143,11 @@ def cell_from_result(
         normalize=normalize,
         status=status,
         loss_change=change,
-        loss_initial=result.fixed_batch_loss_initial,
-        loss_final=result.fixed_batch_loss_final,
+        loss_initial=initial if _finite(initial) else None,
+        loss_final=final if _finite(final) else None,
         max_grad_norm=result.diverged.max_grad_norm if result.diverged else result.max_grad_norm,
         diverged_at_step=result.diverged.step if result.diverged else None,
-        divergence_reason=result.diverged.summary() if result.diverged else None,
+        divergence_reason=reason,
         max_abs_input=max(inputs.values(), default=None),
     )
 
@@ -120,7 +155,12 @@ def cell_from_result(
 def probe_config(
     base: ExperimentConfig, lr: float, normalize: bool, steps: int, batch_size: int
 ) -> ExperimentConfig:
-    """``base`` turned into one probe cell: constant lr, no warm-up, no checkpoints."""
+    """``base`` turned into one table cell, the only place the protocol is written (``iceaggr
+    probe`` and the sweep's table trials both call it): learning rate ``lr`` held constant (no
+    warm-up, no decay), ``steps`` steps of ``batch_size`` events, the angular loss logged every
+    step, no validation or checkpoints, and a validation set of just the fixed batch. Seed,
+    optimizer, gradient clipping and dropout stay what ``base`` says (the sweep's default base:
+    dropout 0; ``--set model.dropout=0.1`` changes it for every cell)."""
     cfg = copy.deepcopy(base)
     cfg.name = f"probe-lr{lr:.0e}-{'norm' if normalize else 'raw'}"
     cfg.model.normalize = normalize

@@ -1,6 +1,7 @@
 """The learning-rate sweep: the stability table and an Optuna search, on Ray Tune.
 
-``python tune/lr_sweep.py`` (see ``--help``) calls :func:`main`. It
+``python tune/lr_sweep.py`` (see ``--help``) calls :func:`run_sweep` with the
+:class:`~iceaggr_tune.options.SweepOptions` its flags give. It
 
 1. starts a local Ray (or joins ``--address`` / ``RAY_ADDRESS``);
 2. makes the synthetic dataset on first use (cached in ``--data``);
@@ -20,23 +21,51 @@ again by their ``trial_id`` tags, never duplicated.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iceaggr.config import ExperimentConfig, baseline_config, debug_config, load_config, to_dict
-from iceaggr.probe import PROBE_LRS, Cell, classify, write_table
-from iceaggr.tracking import DEFAULT_WAIT_S, RunLogger, absolute_tracking_uri, sync_spool
+from iceaggr.config import (
+    ExperimentConfig,
+    apply_overrides,
+    baseline_config,
+    debug_config,
+    from_dict,
+    load_config,
+    to_dict,
+)
+from iceaggr.probe import CELL_METRIC, Cell, write_table
+from iceaggr.tracking import (
+    RunLogger,
+    absolute_tracking_uri,
+    flatten,
+    redact_params,
+    redact_uri,
+    sync_spool,
+)
 from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, remote_path
 from iceaggr_tune.early_stop import create_board
+from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
 from iceaggr_tune.mlflow_watch import MlflowWatch
+from iceaggr_tune.options import (
+    DataOptions,
+    EarlyStopOptions,
+    ResourceOptions,
+    SearchOptions,
+    SweepOptions,
+)
 from iceaggr_tune.plots import loss_histories, plot_loss_curves, plot_stability_table
+
+__all__ = ["SweepError", "SweepOptions", "SweepResult", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -45,110 +74,17 @@ OPTUNA_STUDY = "search"
 SPOOL_DIR = "mlflow-spool"
 """Folder of a sweep where trials keep MLflow records not sent yet (folder storage)."""
 NODE_SPOOL_DIR = f"~/.cache/iceaggr/{SPOOL_DIR}"
-ASHA_REDUCTION_FACTOR = 2
-"""At each rung only the best half of the trials recorded so far continue."""
+REDACTED_USER = "://***@"
+"""What :func:`~iceaggr.tracking.redact_uri` leaves where a URI had credentials."""
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start or resume as asked; the message says what to do."""
 
 
 def optuna_storage_url(sweep_dir: Path) -> str:
     """The sweep's Optuna study: ``optuna.load_study(study_name="search", storage=<this>)``."""
     return f"sqlite:///{sweep_dir / 'optuna.db'}"
-
-
-@dataclass(kw_only=True)
-class SweepOptions:
-    name: str | None = None
-    """Sweep name (Tune experiment folder and MLflow parent run); default: next free ``sweep-N``."""
-    config: str | None = None
-    """Base experiment YAML; default: the baseline config (d_model 128, 4+4 layers)."""
-    data: str = "data/synthetic"
-    """Kaggle-layout dataset; made synthetically on first use when missing."""
-    events: int = 24_000
-    """Synthetic events made on first use."""
-    events_per_file: int = 8_000
-    """Synthetic events per batch file (the last file validates)."""
-    data_seed: int = 0
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "iceaggr-lr-sweep"
-    storage_path: str = "runs/sweeps"
-    """Tune/Train results and checkpoints; an s3:// or shared path on multi-node clusters."""
-    local_dir: str = "runs/sweeps"
-    """The driver's own records (sweep.json, tables, Optuna study) when storage is remote."""
-    address: str | None = None
-    """Ray cluster to join (``auto``, ``ray://...``); None starts a local Ray."""
-    table: bool = True
-    search: bool = True
-    table_lrs: tuple[float, ...] = PROBE_LRS
-    table_steps: int = 20
-    table_batch_size: int = 256
-    trials: int = 8
-    search_steps: int = 60
-    search_batch_size: int = 64
-    lr_min: float = 1e-5
-    lr_max: float = 1e-3
-    dropout_min: float = 0.0
-    dropout_max: float = 0.3
-    report_every: int = 10
-    """Steps between reports to Tune (each waits for Ray Train's poll)."""
-    val_events: int = 1000
-    """Validation events scored at each search report (ASHA and Optuna read them)."""
-    grace_reports: int = 2
-    """ASHA lets every trial report this many times before stopping it."""
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    """0: CPU training; 0.25 puts four one-worker trials on each GPU."""
-    worker_resources: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources each training worker needs, e.g. ``{"trainer": 1}``."""
-    max_concurrent: int | None = None
-    """Trials at once; default: what the cluster's CPUs/GPUs allow."""
-    max_failures: int = 1
-    """Worker-group restarts of a trial (from its last checkpoint) before it errors."""
-    mlflow_wait_s: float = DEFAULT_WAIT_S
-    """How long MLflow bookkeeping waits for an unreachable tracking server (training goes on
-    meanwhile; its records are held and sent when the server is back)."""
-    allow_unauthenticated_ray: bool = False
-    """Run on a Ray cluster without token authentication (refused by default)."""
-    seed: int = 0
-    resume: bool = False
-    smoke_test: bool = False
-    model_overrides: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not (self.table or self.search):
-            raise ValueError("nothing to run: both the table and the search are disabled")
-        if not 0 < self.lr_min < self.lr_max:
-            raise ValueError(f"need 0 < lr_min < lr_max, got {self.lr_min}, {self.lr_max}")
-        if not 0 <= self.dropout_min <= self.dropout_max < 1:
-            raise ValueError(
-                "need 0 <= dropout_min <= dropout_max < 1, "
-                f"got {self.dropout_min}, {self.dropout_max}"
-            )
-        for name in ("trials", "search_steps", "table_steps", "report_every", "workers_per_trial"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ValueError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
-
-    @classmethod
-    def smoke(cls, **kw: Any) -> SweepOptions:
-        """The whole path at toy size (a few minutes on 2 CPUs)."""
-        defaults: dict[str, Any] = dict(
-            smoke_test=True,
-            data="data/synthetic-smoke",
-            events=1_500,
-            events_per_file=500,
-            table_lrs=(1e-4, 1e-3),
-            table_steps=4,
-            table_batch_size=32,
-            trials=2,
-            search_steps=6,
-            search_batch_size=32,
-            report_every=3,
-            val_events=64,
-            grace_reports=1,
-        )
-        defaults.update(kw)
-        return cls(**defaults)
 
 
 @dataclass
@@ -166,13 +102,15 @@ class SweepResult:
 
 
 def base_experiment(opts: SweepOptions) -> ExperimentConfig:
+    """The sweep's base config: ``--config`` (default: the baseline, with ``--smoke-test`` the
+    debug config) with the ``--set`` overrides, then the sweep's data and seed."""
     if opts.config:
         cfg = load_config(opts.config, opts.model_overrides)
-    elif opts.smoke_test:
-        cfg = debug_config()
     else:
-        cfg = baseline_config()
-    cfg.data.path = str(Path(opts.data).resolve())
+        preset = debug_config() if opts.smoke_test else baseline_config()
+        data = apply_overrides(to_dict(preset), opts.model_overrides)
+        cfg = from_dict(ExperimentConfig, data, "--set")
+    cfg.data.path = str(Path(opts.data.path).resolve())
     cfg.data.val_files = 1
     cfg.data.prefetch = 0  # one CPU per worker: no loader thread competing with the step
     cfg.train.seed = opts.seed
@@ -180,30 +118,30 @@ def base_experiment(opts: SweepOptions) -> ExperimentConfig:
     return cfg
 
 
-def ensure_data(opts: SweepOptions) -> Path:
+def ensure_data(data: DataOptions) -> Path:
     """The dataset folder, generated from physics on first use, then checked (every batch
     file's footer, columns and row count) before anything starts on Ray, so a cut-off or
     mismatched file stops the sweep at once with its name instead of failing every trial."""
     from iceaggr.dataset import KaggleDataset
 
-    path = Path(opts.data)
+    path = Path(data.path)
     if not (path / "train_meta.parquet").exists():
         from iceaggr.synth import write_synthetic_dataset
 
-        log.info("making %d synthetic events in %s (first use)", opts.events, path)
+        log.info("making %d synthetic events in %s (first use)", data.events, path)
         write_synthetic_dataset(
-            path, n_events=opts.events, batch_size=opts.events_per_file, seed=opts.data_seed
+            path, n_events=data.events, batch_size=data.events_per_file, seed=data.seed
         )
     KaggleDataset(path).preflight()
     return path
 
 
-def init_ray(opts: SweepOptions) -> None:
+def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    address = opts.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         return
@@ -228,22 +166,91 @@ def latest_sweep_name(storage: Path) -> str | None:
     return found[-1].name if found else None
 
 
-def max_concurrent_trials(opts: SweepOptions) -> int:
-    if opts.max_concurrent:
-        return opts.max_concurrent
+def sweep_place(opts: SweepOptions) -> tuple[str, Path, str]:
+    """The sweep's name, its local folder and its Tune storage root (checked for --resume)."""
+    remote = remote_path(opts.storage_path)
+    storage = Path(opts.local_dir if remote else opts.storage_path).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    if opts.resume:
+        name = opts.name or latest_sweep_name(storage)
+        if name is None or not (storage / name / SWEEP_STATE).exists():
+            raise SweepError(
+                f"--resume: no sweep {'named ' + opts.name if opts.name else ''} under {storage} "
+                f"to resume; run without --resume to start one."
+            )
+    else:
+        name = opts.name or next_sweep_name(storage)
+        if (storage / name / SWEEP_STATE).exists():
+            raise SweepError(
+                f"sweep {name!r} already exists under {storage}; pass --resume to continue it "
+                f"or choose another --name."
+            )
+    sweep_dir = storage / name
+    tune_root = f"{opts.storage_path.rstrip('/')}/{name}" if remote else str(sweep_dir)
+    return name, sweep_dir, tune_root
+
+
+def max_concurrent_trials(resources: ResourceOptions) -> int:
+    if resources.max_concurrent:
+        return resources.max_concurrent
     import ray
 
     res = ray.cluster_resources()
-    by_cpu = int((res.get("CPU", 1) - 1) // (opts.cpus_per_worker * opts.workers_per_trial))
-    limit = max(1, by_cpu)
-    per_trial = {
-        name: amount * opts.workers_per_trial for name, amount in opts.worker_resources.items()
-    }
-    if opts.gpus_per_worker > 0:
-        per_trial["GPU"] = opts.gpus_per_worker * opts.workers_per_trial
+    workers = resources.workers_per_trial
+    limit = max(1, int((res.get("CPU", 1) - 1) // (resources.cpus_per_worker * workers)))
+    per_trial = {name: amount * workers for name, amount in resources.worker_resources.items()}
+    if resources.use_gpu:
+        per_trial["GPU"] = resources.gpus_per_worker * workers
     for name, amount in per_trial.items():
         limit = min(limit, max(1, int(res.get(name, 0) // amount)))
     return limit
+
+
+# ---------------------------------------------------------------- sweep.json
+
+
+def write_sweep_state(sweep_dir: Path, parent_run_id: str, opts: SweepOptions) -> Path:
+    """``sweep.json``: the parent run and the options, without credentials (as the params)."""
+    path = sweep_dir / SWEEP_STATE
+    state = {
+        "parent_run_id": parent_run_id,
+        "tracking_uri": redact_uri(opts.tracking.uri),
+        "experiment": opts.tracking.experiment,
+        "options": redact_params(flatten(asdict(opts))),
+    }
+    path.write_text(json.dumps(state, indent=2, default=str))
+    return path
+
+
+def read_sweep_state(sweep_dir: Path, given_uri: str) -> tuple[str, str]:
+    """Parent run id and tracking URI of the sweep to resume. The URI is the one the sweep
+    started with; ``sweep.json`` keeps it without credentials, so a URI that had some is
+    taken from ``given_uri`` (``--tracking-uri`` / ``MLFLOW_TRACKING_URI``) when that is it."""
+    path = sweep_dir / SWEEP_STATE
+    state = json.loads(path.read_text())
+    recorded = state["tracking_uri"]
+    if redact_uri(given_uri) == recorded:
+        return state["parent_run_id"], given_uri
+    if REDACTED_USER in recorded:
+        raise SweepError(
+            f"{path}: the sweep logs to {recorded}, whose credentials are not stored; pass the "
+            "full URI with --tracking-uri (or MLFLOW_TRACKING_URI) to resume it."
+        )
+    return state["parent_run_id"], recorded
+
+
+def open_parent_run(opts: SweepOptions, name: str, sweep_dir: Path) -> str:
+    """The sweep's MLflow parent run: a new one (``sweep.json`` written), or on --resume the
+    recorded one, RUNNING again (``opts.tracking.uri`` set to the sweep's store)."""
+    from iceaggr_tune import mlflow_runs
+
+    if opts.resume:
+        parent, opts.tracking.uri = read_sweep_state(sweep_dir, opts.tracking.uri)
+        mlflow_runs.client_for(opts.tracking.uri).update_run(parent, status="RUNNING")
+        return parent
+    parent = mlflow_runs.find_or_create_parent(opts.tracking.uri, opts.tracking.experiment, name)
+    write_sweep_state(sweep_dir, parent, opts)
+    return parent
 
 
 # ---------------------------------------------------------------- the two parts
@@ -255,17 +262,12 @@ def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str
     return TrialSettings(
         base=to_dict(base),
         part=part,
-        tracking_uri=opts.tracking_uri,
         parent_run_id=parent,
         storage_path=f"{tune_root}/train",
-        num_workers=opts.workers_per_trial,
-        use_gpu=opts.gpus_per_worker > 0,
-        cpus_per_worker=opts.cpus_per_worker,
-        gpus_per_worker=opts.gpus_per_worker,
-        report_every=opts.report_every,
-        max_failures=opts.max_failures,
-        worker_resources=dict(opts.worker_resources),
-        mlflow_wait_s=opts.mlflow_wait_s,
+        tracking=opts.tracking,
+        resources=opts.resources,
+        report_every=opts.early_stop.report_every,
+        table=opts.table if part == "table" else None,
         # Shared with the sweep driver (which sends what dead trials left) when storage is a
         # folder; with s3:// storage, a folder on each training node (`iceaggr mlflow-sync`).
         mlflow_spool_dir=NODE_SPOOL_DIR if remote_path(tune_root) else f"{tune_root}/{SPOOL_DIR}",
@@ -280,21 +282,52 @@ def _trainable(settings: Any):
     return tune.with_resources(tune.with_parameters(trial_driver, settings=settings), {"CPU": 0.01})
 
 
-def _run_tuner(
-    exp_dir: str,
-    trainable: Any,
-    make_tuner: Any,
-    resume: bool,
+@dataclass(frozen=True)
+class TrialName:
+    """``<part>_<trial id>``: a trial's name and folder (a class, so Tune can pickle it)."""
+
+    part: str
+
+    def __call__(self, trial: Any) -> str:
+        return f"{self.part}_{trial.trial_id}"
+
+
+def fit_part(
+    part: str,
+    settings: Any,
+    opts: SweepOptions,
+    tune_root: str,
+    param_space: dict[str, Any],
+    **tune_config: Any,
 ):
+    """Tune experiment ``part`` under ``tune_root``: restored with --resume where Tune saved
+    it (finished trials are not run again), else built here; returns its ``ResultGrid``."""
     from ray import tune
 
-    if resume and tune.Tuner.can_restore(exp_dir):
+    trainable = _trainable(settings)
+    exp_dir = f"{tune_root}/{part}"
+    if opts.resume and tune.Tuner.can_restore(exp_dir):
         log.info("resuming %s", exp_dir)
         tuner = tune.Tuner.restore(
             exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    else:
-        tuner = make_tuner()
+        return tuner.fit()
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent_trials(opts.resources),
+            trial_name_creator=TrialName(part),
+            trial_dirname_creator=TrialName(part),
+            **tune_config,
+        ),
+        run_config=tune.RunConfig(
+            name=part,
+            storage_path=tune_root,
+            verbose=1,
+            progress_reporter=_reporter(list(param_space)),
+        ),
+    )
     return tuner.fit()
 
 
@@ -306,73 +339,95 @@ def _unfinished(results: Any, expected: int) -> int:
 
 
 def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root: str):
+    """The stability table: one trial per (learning rate, normalization) cell, each built by
+    :func:`iceaggr.probe.probe_config` in the trial and classified where it trained."""
     from ray import tune
 
-    cfg = base
-    cfg.train.batch_size = opts.table_batch_size
-    cfg.train.max_steps = opts.table_steps
-    cfg.train.warmup_steps = 0
-    cfg.train.min_lr_ratio = 1.0
-    cfg.train.loss = "angular"
-    cfg.train.log_every = 1
-    cfg.train.eval_every = 0
-    cfg.train.checkpoint_every = 0
-    cfg.model.dropout = 0.0
-    cfg.data.max_val_events = opts.table_batch_size
-    settings = _settings(opts, cfg, "table", parent, tune_root)
-    trainable = _trainable(settings)
-    exp_dir = f"{tune_root}/table"
+    settings = _settings(opts, base, "table", parent, tune_root)
+    space = {
+        "lr": tune.grid_search(list(opts.table.lrs)),
+        "normalize": tune.grid_search([False, True]),
+    }
+    results = fit_part("table", settings, opts, tune_root, space)
+    return table_cells(results), results
 
-    def make():
-        return tune.Tuner(
-            trainable,
-            param_space={
-                "lr": tune.grid_search(list(opts.table_lrs)),
-                "normalize": tune.grid_search([False, True]),
-            },
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent_trials(opts),
-                trial_name_creator=table_trial_name,
-                trial_dirname_creator=table_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name="table",
-                storage_path=tune_root,
-                verbose=1,
-                progress_reporter=_reporter(["lr", "normalize"]),
-            ),
-        )
 
-    results = _run_tuner(exp_dir, trainable, make, opts.resume)
+def table_cells(results: Any) -> list[Cell]:
+    """The cells the table trials reported (:meth:`iceaggr.probe.Cell.to_metrics`)."""
     cells = []
     for r in results:
-        m = r.metrics or {}
-        lr, normalize = float(r.config["lr"]), bool(r.config["normalize"])
-        if r.error is not None or not m.get("completed"):
-            continue
-        loss_i = _finite_or_none(m.get("cell_loss_initial"))
-        loss_f = _finite_or_none(m.get("cell_loss_final"))
-        status, change = classify(
-            diverged=bool(m.get("diverged")),
-            loss_initial=loss_i,
-            loss_final=loss_f,
-            max_grad_norm=float(m.get("max_grad_norm", 0.0)),
-            grad_norm_warn=cfg.train.grad_norm_warn,
-        )
-        cells.append(
-            Cell(
-                lr=lr,
-                normalize=normalize,
-                status=status,
-                loss_change=change,
-                loss_initial=loss_i,
-                loss_final=loss_f,
-                max_grad_norm=float(m.get("max_grad_norm", 0.0)),
-                diverged_at_step=int(m["diverged_at_step"]) if m.get("diverged") else None,
-                max_abs_input=_finite_or_none(m.get("cell_max_abs_input")),
-            )
-        )
-    return cells, results
+        metrics = r.metrics or {}
+        if r.error is None and CELL_METRIC in metrics:
+            cells.append(Cell.from_metrics(metrics))
+        elif r.error is None and metrics.get("completed"):
+            log.warning("table trial %s ended without a cell in its last report", r.path)
+    return cells
+
+
+def search_config(base: ExperimentConfig, search: SearchOptions, early: EarlyStopOptions):
+    """``base`` as every search trial trains it (before its sampled lr and dropout)."""
+    cfg = copy.deepcopy(base)
+    cfg.model.normalize = True
+    cfg.train.batch_size = search.batch_size
+    cfg.train.max_steps = search.steps
+    cfg.train.warmup_steps = max(1, search.steps // 10)
+    cfg.train.log_every = max(1, early.report_every // 2)
+    cfg.train.eval_every = early.report_every
+    cfg.train.checkpoint_every = early.report_every
+    cfg.data.max_val_events = search.val_events
+    return cfg
+
+
+def warm_start(table: list[Cell] | None, search: SearchOptions):
+    """Optuna's first points: the table's two best normalized learning rates; exploded ones
+    are told to Optuna as penalized points so TPE avoids their region from the start."""
+    from iceaggr_tune.trial import DIVERGED_PENALTY
+
+    points: list[dict[str, float]] = []
+    evaluated: list[dict[str, float]] = []
+    norm = [c for c in table or [] if c.normalize and search.lr_min <= c.lr <= search.lr_max]
+    good = sorted((c for c in norm if c.status in ("ok", "warn")), key=lambda c: c.loss_change)
+    for c in good[:2]:
+        points.append({"lr": c.lr, "dropout": search.dropout_min})
+    for c in norm:
+        if c.status == "explodes":
+            evaluated.append({"lr": c.lr, "dropout": search.dropout_min})
+    return points, evaluated, [DIVERGED_PENALTY] * len(evaluated)
+
+
+def optuna_searcher(opts: SweepOptions, sweep_dir: Path, table: list[Cell] | None):
+    """TPE in a sqlite study next to the sweep (inspect it with optuna-dashboard or
+    ``optuna.load_study``; it survives a restored Tuner), warm-started from the table."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from iceaggr_tune.trial import METRIC, MODE
+
+    points, evaluated, rewards = warm_start(table, opts.search)
+    return OptunaSearch(
+        metric=METRIC,
+        mode=MODE,
+        study_name=OPTUNA_STUDY,
+        storage=optuna.storages.RDBStorage(optuna_storage_url(sweep_dir)),
+        sampler=optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=max(2, len(points))),
+        points_to_evaluate=(evaluated + points) or None,
+        evaluated_rewards=rewards or None,
+    )
+
+
+@contextmanager
+def early_stop_board(name: str, early: EarlyStopOptions, n_reports: int) -> Iterator[str]:
+    """The search's detached ASHA board actor, killed when the search ends however it ends
+    (it would outlive the driver on a persistent cluster)."""
+    import ray
+
+    board = create_board(
+        name, min(early.grace_reports, n_reports), early.reduction_factor, n_reports
+    )
+    try:
+        yield name
+    finally:
+        ray.kill(board)
 
 
 def run_search(
@@ -383,83 +438,36 @@ def run_search(
     sweep_dir: Path,
     table: list[Cell] | None,
 ):
-    import optuna
+    """The Optuna search, its trials stopped early in-trial (see iceaggr_tune.early_stop for
+    why Tune's own ASHAScheduler, which kills trials, is not used with Ray Train V2)."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    from iceaggr_tune.trial import DIVERGED_PENALTY, METRIC, MODE
-
-    cfg = base
-    cfg.model.normalize = True
-    cfg.train.batch_size = opts.search_batch_size
-    cfg.train.max_steps = opts.search_steps
-    cfg.train.warmup_steps = max(1, opts.search_steps // 10)
-    cfg.train.log_every = max(1, opts.report_every // 2)
-    cfg.train.eval_every = opts.report_every
-    cfg.train.checkpoint_every = opts.report_every
-    cfg.data.max_val_events = opts.val_events
+    cfg = search_config(base, opts.search, opts.early_stop)
     settings = _settings(opts, cfg, "search", parent, tune_root)
-    n_reports = max(1, opts.search_steps // opts.report_every)
-    # Early stopping decided inside the trials (see iceaggr_tune.early_stop for why Tune's own
-    # ASHAScheduler, which kills trials, is not used with Ray Train V2).
+    n_reports = max(1, opts.search.steps // opts.early_stop.report_every)
     settings.board = f"asha-{sweep_dir.name}-{uuid.uuid4().hex[:8]}"
-    board = create_board(
-        settings.board, min(opts.grace_reports, n_reports), ASHA_REDUCTION_FACTOR, n_reports
-    )
-    trainable = _trainable(settings)
-
-    # Warm start: the table's normalized learning rates, best first; exploded ones are
-    # told to Optuna as penalized points so TPE avoids their region from the start.
-    points, evaluated, rewards = [], [], []
-    if table:
-        norm = [c for c in table if c.normalize and opts.lr_min <= c.lr <= opts.lr_max]
-        good = sorted((c for c in norm if c.status in ("ok", "warn")), key=lambda c: c.loss_change)
-        for c in good[:2]:
-            points.append({"lr": c.lr, "dropout": opts.dropout_min})
-        for c in norm:
-            if c.status == "explodes":
-                evaluated.append({"lr": c.lr, "dropout": opts.dropout_min})
-                rewards.append(DIVERGED_PENALTY)
-    # The study lives in sqlite next to the sweep, so it can be inspected (optuna-dashboard,
-    # optuna.load_study) and survives a restored Tuner.
-    searcher = OptunaSearch(
-        metric=METRIC,
-        mode=MODE,
-        study_name=OPTUNA_STUDY,
-        storage=optuna.storages.RDBStorage(optuna_storage_url(sweep_dir)),
-        sampler=optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=max(2, len(points))),
-        points_to_evaluate=(evaluated + points) or None,
-        evaluated_rewards=rewards or None,
-    )
-    exp_dir = f"{tune_root}/search"
-
-    def make():
-        return tune.Tuner(
-            trainable,
-            param_space={
-                "lr": tune.loguniform(opts.lr_min, opts.lr_max),
-                "dropout": tune.uniform(opts.dropout_min, opts.dropout_max),
-            },
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                num_samples=opts.trials,
-                max_concurrent_trials=max_concurrent_trials(opts),
-                trial_name_creator=search_trial_name,
-                trial_dirname_creator=search_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name="search",
-                storage_path=tune_root,
-                verbose=1,
-                progress_reporter=_reporter(["lr", "dropout"]),
-            ),
+    with early_stop_board(settings.board, opts.early_stop, n_reports):
+        searcher = optuna_searcher(opts, sweep_dir, table)
+        space = {
+            "lr": tune.loguniform(opts.search.lr_min, opts.search.lr_max),
+            "dropout": tune.uniform(opts.search.dropout_min, opts.search.dropout_max),
+        }
+        results = fit_part(
+            "search",
+            settings,
+            opts,
+            tune_root,
+            space,
+            search_alg=searcher,
+            num_samples=opts.search.trials,
         )
+    return best_trial(results), results, searcher
 
-    results = _run_tuner(exp_dir, trainable, make, opts.resume)
-    import ray
 
-    ray.kill(board)
-    best = None
+def best_trial(results: Any) -> dict[str, Any] | None:
+    """The finished, not diverged search trial with the lowest validation metric."""
+    from iceaggr_tune.trial import METRIC
+
     candidates = [
         r
         for r in results
@@ -468,25 +476,17 @@ def run_search(
         and not r.metrics.get("diverged")
         and _finite_or_none(r.metrics.get(METRIC)) is not None
     ]
-    if candidates:
-        r = min(candidates, key=lambda r: r.metrics[METRIC])
-        best = {
-            "lr": float(r.config["lr"]),
-            "dropout": float(r.config["dropout"]),
-            METRIC: float(r.metrics[METRIC]),
-            "steps": int(r.metrics.get("step", 0)),
-            "trial_id": r.metrics.get("trial_id"),
-            "stopped_early": bool(r.metrics.get("stopped_early")),
-        }
-    return best, results, searcher
-
-
-def table_trial_name(trial: Any) -> str:
-    return f"table_{trial.trial_id}"
-
-
-def search_trial_name(trial: Any) -> str:
-    return f"search_{trial.trial_id}"
+    if not candidates:
+        return None
+    r = min(candidates, key=lambda r: r.metrics[METRIC])
+    return {
+        "lr": float(r.config["lr"]),
+        "dropout": float(r.config["dropout"]),
+        METRIC: float(r.metrics[METRIC]),
+        "steps": int(r.metrics.get("step", 0)),
+        "trial_id": r.metrics.get("trial_id"),
+        "stopped_early": bool(r.metrics.get("stopped_early")),
+    }
 
 
 def _reporter(params: list[str]):
@@ -530,101 +530,33 @@ def trial_overhead(results: Any) -> dict[str, float]:
 
 
 def run_sweep(opts: SweepOptions) -> SweepResult:
+    """The sweep ``opts`` describe: the table, then the search (see the module doc)."""
     from iceaggr_tune import mlflow_runs
 
     t0 = time.time()
-    opts.tracking_uri = absolute_tracking_uri(opts.tracking_uri)
-    remote = remote_path(opts.storage_path)
-    storage = Path(opts.local_dir if remote else opts.storage_path).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    if opts.resume:
-        name = opts.name or latest_sweep_name(storage)
-        if name is None or not (storage / name / SWEEP_STATE).exists():
-            raise ValueError(
-                f"--resume: no sweep {'named ' + opts.name if opts.name else ''} under {storage} "
-                f"to resume; run without --resume to start one."
-            )
-    else:
-        name = opts.name or next_sweep_name(storage)
-        if (storage / name / SWEEP_STATE).exists():
-            raise ValueError(
-                f"sweep {name!r} already exists under {storage}; pass --resume to continue it "
-                f"or choose another --name."
-            )
-    sweep_dir = storage / name
-    tune_root = f"{opts.storage_path.rstrip('/')}/{name}" if remote else str(sweep_dir)
-    ensure_data(opts)
-    base = base_experiment(opts)
-    init_ray(opts)
+    opts.tracking.uri = absolute_tracking_uri(opts.tracking.uri)
+    name, sweep_dir, tune_root = sweep_place(opts)
+    base = base_experiment(opts)  # a bad --config or --set fails here, before data and Ray
+    ensure_data(opts.data)
+    init_ray(opts.address)
     check_ray_auth(opts.allow_unauthenticated_ray)  # before anything runs on the cluster
-    check_cluster_storage(opts.tracking_uri, opts.storage_path)  # before any trial starts
+    check_cluster_storage(opts.tracking.uri, opts.storage_path)  # before any trial starts
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if opts.resume:
-        state = json.loads((sweep_dir / SWEEP_STATE).read_text())
-        parent = state["parent_run_id"]
-        opts.tracking_uri = state["tracking_uri"]
-        mlflow_runs.client_for(opts.tracking_uri).update_run(parent, status="RUNNING")
-    else:
-        parent = mlflow_runs.find_or_create_parent(opts.tracking_uri, opts.experiment, name)
-        (sweep_dir / SWEEP_STATE).write_text(
-            json.dumps(
-                {
-                    "parent_run_id": parent,
-                    "tracking_uri": opts.tracking_uri,
-                    "experiment": opts.experiment,
-                    "options": asdict(opts),
-                },
-                indent=2,
-                default=str,
-            )
-        )
-    plog = RunLogger(opts.tracking_uri, run_id=parent, wait_s=opts.mlflow_wait_s)
-    plog.log_params({"sweep": {k: v for k, v in asdict(opts).items() if k not in ("resume",)}})
-    spool_dir = None if remote else sweep_dir / SPOOL_DIR
-    watch = MlflowWatch(opts.tracking_uri)
+    parent = open_parent_run(opts, name, sweep_dir)
+    uri = opts.tracking.uri
+    plog = RunLogger(uri, run_id=parent, wait_s=opts.tracking.wait_s)
+    plog.log_params({"sweep": {k: v for k, v in asdict(opts).items() if k != "resume"}})
+    spool_dir = None if remote_path(opts.storage_path) else sweep_dir / SPOOL_DIR
+    watch = MlflowWatch(uri)
     watch.start()
     result = SweepResult(name=name, parent_run_id=parent)
     status = "FAILED"
     try:
-        if opts.table:
-            import copy
-
-            cells, table_results = run_table(opts, copy.deepcopy(base), parent, tune_root)
-            result.interrupted |= _unfinished(table_results, 2 * len(opts.table_lrs)) > 0
-            result.table = cells
-            result.overhead["table"] = trial_overhead(table_results)  # type: ignore[assignment]
-            md, js = write_table(
-                cells,
-                sweep_dir,
-                meta={
-                    "steps": opts.table_steps,
-                    "batch_size": opts.table_batch_size,
-                    "data": opts.data,
-                    "sweep": name,
-                },
-            )
-            png = plot_stability_table(
-                cells, sweep_dir / "stability_table.png", {"steps": opts.table_steps, "sweep": name}
-            )
-            for path in (md, js, png):
-                plog.log_artifact(path)
-        if opts.search and not result.interrupted:
-            import copy
-
-            best, search_results, _ = run_search(
-                opts, copy.deepcopy(base), parent, tune_root, sweep_dir, result.table
-            )
-            result.interrupted |= _unfinished(search_results, opts.trials) > 0
-            result.best = best
-            result.overhead["search"] = trial_overhead(search_results)  # type: ignore[assignment]
-            if best is not None:
-                path = sweep_dir / "best_config.json"
-                path.write_text(json.dumps(best, indent=2))
-                plog.log_artifact(path)
-                plog.log_metrics({"best_val_angle": best["val_angle"]}, step=0)
-                plog.set_tags(
-                    {"best_lr": f"{best['lr']:.3g}", "best_dropout": f"{best['dropout']:.3f}"}
-                )
+        run = _Run(opts, base, tune_root, sweep_dir, plog, result)
+        if opts.run_table:
+            _table_part(run)
+        if opts.run_search and not result.interrupted:
+            _search_part(run)
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -632,13 +564,67 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         raise
     finally:
         if spool_dir is not None:
-            _sync_left_over_records(spool_dir, opts.tracking_uri)
-        mlflow_runs.close_running(opts.tracking_uri, parent, "KILLED")
-        _log_loss_curves(opts.tracking_uri, parent, plog, sweep_dir, name)
+            _sync_left_over_records(spool_dir, uri)
+        mlflow_runs.close_running(uri, parent, "KILLED")
+        _log_loss_curves(uri, parent, plog, sweep_dir, name)
         plog.terminate(status)
         watch.stop()
         result.wall_seconds = time.time() - t0
     return result
+
+
+@dataclass
+class _Run:
+    """What the two parts of one running sweep share."""
+
+    opts: SweepOptions
+    base: ExperimentConfig
+    tune_root: str
+    sweep_dir: Path
+    plog: RunLogger
+    result: SweepResult
+
+
+def _table_part(run: _Run) -> None:
+    """Run the table; record it in the result and as Markdown, JSON and PNG artifacts."""
+    opts, result = run.opts, run.result
+    cells, results = run_table(opts, copy.deepcopy(run.base), result.parent_run_id, run.tune_root)
+    result.interrupted |= _unfinished(results, 2 * len(opts.table.lrs)) > 0
+    result.table = cells
+    result.overhead["table"] = trial_overhead(results)  # type: ignore[assignment]
+    t = opts.table
+    meta = {"steps": t.steps, "batch_size": t.batch_size, "data": opts.data.path}
+    md, js = write_table(cells, run.sweep_dir, meta={**meta, "sweep": result.name})
+    png = plot_stability_table(
+        cells, run.sweep_dir / "stability_table.png", {"steps": t.steps, "sweep": result.name}
+    )
+    for path in (md, js, png):
+        run.plog.log_artifact(path)
+
+
+def _search_part(run: _Run) -> None:
+    """Run the search; record the best trial in the result, best_config.json and tags."""
+    opts, result = run.opts, run.result
+    best, results, _ = run_search(
+        opts,
+        copy.deepcopy(run.base),
+        result.parent_run_id,
+        run.tune_root,
+        run.sweep_dir,
+        result.table,
+    )
+    result.interrupted |= _unfinished(results, opts.search.trials) > 0
+    result.best = best
+    result.overhead["search"] = trial_overhead(results)  # type: ignore[assignment]
+    if best is None:
+        return
+    path = run.sweep_dir / "best_config.json"
+    path.write_text(json.dumps(best, indent=2))
+    run.plog.log_artifact(path)
+    run.plog.log_metrics({"best_val_angle": best["val_angle"]}, step=0)
+    run.plog.set_tags(
+        {TAG_BEST_LR: f"{best['lr']:.3g}", TAG_BEST_DROPOUT: f"{best['dropout']:.3f}"}
+    )
 
 
 def _sync_left_over_records(spool_dir: Path, uri: str) -> None:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray.train
 import ray.tune
@@ -32,11 +32,12 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from iceaggr.config import ExperimentConfig, from_dict, to_dict
-from iceaggr.probe import cell_from_result
-from iceaggr.tracking import DEFAULT_WAIT_S, RunLogger
+from iceaggr.probe import cell_from_result, probe_config
+from iceaggr.tracking import TAG_DIVERGED, RunLogger
 from iceaggr.train import CHECKPOINT_NAME, train
 from iceaggr_tune import mlflow_runs
 from iceaggr_tune.early_stop import get_board
+from iceaggr_tune.options import ResourceOptions, TableOptions, TrackingOptions
 
 log = logging.getLogger(__name__)
 
@@ -48,40 +49,40 @@ MODE = "min"
 
 @dataclass(kw_only=True)
 class TrialSettings:
-    """What every trial of a sweep shares (passed with ``tune.with_parameters``)."""
+    """What every trial of a sweep shares (passed with ``tune.with_parameters``); the option
+    groups are the sweep's own :mod:`iceaggr_tune.options` objects."""
 
     base: dict[str, Any]
     """The base experiment config as a dict (``iceaggr.config.to_dict``)."""
-    part: str
-    """``table`` or ``search``."""
-    tracking_uri: str
+    part: Literal["table", "search"]
     parent_run_id: str
     storage_path: str
     """Where Ray Train writes checkpoints; every node must reach it on a cluster."""
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    tracking: TrackingOptions
+    resources: ResourceOptions
     report_every: int = 5
     """Steps between ``ray.train.report`` calls (MLflow gets every ``log_every`` step)."""
-    max_failures: int = 1
-    """Worker-group restarts (from the last checkpoint) before the trial errors."""
+    table: TableOptions | None = None
+    """Steps and batch of a table cell (part ``table``: the probe protocol)."""
     board: str | None = None
     """Name of the sweep's early-stopping :class:`~iceaggr_tune.early_stop.RungBoard` actor."""
-    worker_resources: dict[str, float] | None = None
-    """Extra (custom) resources per worker, e.g. ``{"trainer": 1}`` to pin a node type."""
-    mlflow_wait_s: float = DEFAULT_WAIT_S
-    """How long MLflow bookkeeping waits for an unreachable tracking server."""
     mlflow_spool_dir: str | None = None
     """Shared folder for MLflow records a worker could not send yet (None: per checkpoint)."""
 
 
 def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentConfig:
-    """The trial's typed config: base config + sampled hyperparameters, validated."""
+    """The trial's typed config: base config + sampled hyperparameters, validated. A table
+    trial's config is the probe's cell config (:func:`iceaggr.probe.probe_config`)."""
     cfg = from_dict(ExperimentConfig, settings.base, "base config")
-    cfg.train.lr = float(hp["lr"])
-    cfg.model.dropout = float(hp.get("dropout", cfg.model.dropout))
-    cfg.model.normalize = bool(hp.get("normalize", cfg.model.normalize))
+    if settings.part == "table":
+        if settings.table is None:
+            raise ValueError("a table trial needs TrialSettings.table (steps and batch size)")
+        t = settings.table
+        cfg = probe_config(cfg, float(hp["lr"]), bool(hp["normalize"]), t.steps, t.batch_size)
+    else:
+        cfg.train.lr = float(hp["lr"])
+        cfg.model.dropout = float(hp.get("dropout", cfg.model.dropout))
+        cfg.model.normalize = bool(hp.get("normalize", cfg.model.normalize))
     # Round trip through the validating constructor with the new values.
     return from_dict(ExperimentConfig, to_dict(cfg), "trial config")
 
@@ -137,7 +138,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             track_fixed_batch=bool(config.get("track_fixed_batch")),
             progress=False,
         )
-        summary: dict[str, float] = {
+        summary: dict[str, float | str] = {
             "step": float(result.steps),
             "train_seconds": result.train_seconds,
             "max_grad_norm": result.max_grad_norm,
@@ -154,23 +155,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             summary |= {"diverged": 0.0}
             if result.val_angle is not None:
                 summary[METRIC] = result.val_angle
-        if config.get("track_fixed_batch"):
+        if config.get("track_fixed_batch"):  # a table cell, classified here only
             cell = cell_from_result(
                 cfg.train.lr, cfg.model.normalize, result, cfg.train.grad_norm_warn
             )
-            summary |= {
-                "cell_loss_initial": _nan(cell.loss_initial),
-                "cell_loss_final": _nan(cell.loss_final),
-                "cell_loss_change": _nan(cell.loss_change),
-                "cell_max_abs_input": _nan(cell.max_abs_input),
-            }
+            summary |= cell.to_metrics()
         ray.train.report(summary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _nan(x: float | None) -> float:
-    return float("nan") if x is None else float(x)
 
 
 def run_name(trial_id: str, hp: dict[str, Any]) -> str:
@@ -184,7 +176,7 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trial_id = ray.tune.get_context().get_trial_id()
     run_id = mlflow_runs.find_or_create_child(
-        settings.tracking_uri,
+        settings.tracking.uri,
         settings.parent_run_id,
         trial_id,
         run_name(trial_id, hp),
@@ -193,27 +185,27 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
             mlflow_runs.TAG_NODE: ray.util.get_node_ip_address(),
             mlflow_runs.TAG_DRIVER_NODE: ray.get_runtime_context().get_node_id(),
         },
-        wait_s=settings.mlflow_wait_s,
+        wait_s=settings.tracking.wait_s,
     )
-    mlog = RunLogger(settings.tracking_uri, run_id=run_id, wait_s=settings.mlflow_wait_s)
+    mlog = RunLogger(settings.tracking.uri, run_id=run_id, wait_s=settings.tracking.wait_s)
     mlog.log_params(
         {
             "lr": cfg.train.lr,
             "dropout": cfg.model.dropout,
             "normalize": cfg.model.normalize,
             "seed": cfg.train.seed,
-            "num_workers": settings.num_workers,
-            "use_gpu": settings.use_gpu,
-            "gpus_per_worker": settings.gpus_per_worker,
+            "num_workers": settings.resources.workers_per_trial,
+            "use_gpu": settings.resources.use_gpu,
+            "gpus_per_worker": settings.resources.gpus_per_worker,
         }
     )
-    cfg.train.mlflow_tracking_uri = settings.tracking_uri
-    cfg.train.mlflow_wait_s = settings.mlflow_wait_s
+    cfg.train.mlflow_tracking_uri = settings.tracking.uri
+    cfg.train.mlflow_wait_s = settings.tracking.wait_s
     cfg.train.mlflow_spool_dir = settings.mlflow_spool_dir
-    resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
-    resources.update(settings.worker_resources or {})
-    if settings.use_gpu:
-        resources["GPU"] = settings.gpus_per_worker
+    res = settings.resources
+    resources: dict[str, float] = {"CPU": res.cpus_per_worker, **res.worker_resources}
+    if res.use_gpu:
+        resources["GPU"] = res.gpus_per_worker
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -225,27 +217,25 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
             "trial_id": trial_id,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.num_workers,
-            use_gpu=settings.use_gpu,
-            resources_per_worker=resources,
+            num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=settings.storage_path,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
         ),
     )
     try:
         result = trainer.fit()
     except BaseException as err:
         try:
-            mlog.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+            mlog.set_tags({mlflow_runs.TAG_ERROR: f"{type(err).__name__}: {err}"[:5000]})
             mlog.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         except Exception as mlflow_err:  # keep the training error, not the bookkeeping one
             log.error("could not mark MLflow run %s ended: %s", run_id, mlflow_err)
         raise
     del result  # Train V2 keeps only checkpointed metrics there; the run's tags say it all
     # Rank 0 tagged the run when its divergence guard fired.
-    diverged = mlog.client.get_run(run_id).data.tags.get("diverged") == "true"
+    diverged = mlog.client.get_run(run_id).data.tags.get(TAG_DIVERGED) == "true"
     mlog.terminate("FAILED" if diverged else "FINISHED")

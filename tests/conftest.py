@@ -19,6 +19,9 @@ import torch
 from iceaggr.synth import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+REFERENCE_GEOMETRY = REPO.parent / "shared" / "reference" / "icecube86_sensor_geometry.csv"
+"""The real IceCube-86 geometry, next to the checkout in the development workspace only
+(never shipped); tests that read it skip without it."""
 SMALL_DATASET_EVENTS = 1_500
 SMALL_DATASET_FILE_EVENTS = 500
 

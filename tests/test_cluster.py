@@ -205,14 +205,16 @@ def test_multinode_sweep_logs_every_node_to_the_server(
     from iceaggr_tune.sweep import SweepOptions, run_sweep
 
     _, worker_node_ids = multinode
-    opts = SweepOptions.smoke(
-        name="multinode",
-        data=str(cluster_data),
-        storage_path=str(tmp_path / "shared-sweeps"),
-        tracking_uri=mlflow_server.url,
-        worker_resources={"trainer": 1},
-        table_lrs=(1e-4, 1e-3),
-        trials=2,
+    opts = SweepOptions.smoke().changed(
+        {
+            "name": "multinode",
+            "data.path": str(cluster_data),
+            "storage_path": str(tmp_path / "shared-sweeps"),
+            "tracking.uri": mlflow_server.url,
+            "resources.worker_resources": {"trainer": 1},
+            "table.lrs": (1e-4, 1e-3),
+            "search.trials": 2,
+        }
     )
     result = run_sweep(opts)
     assert not result.interrupted

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import REFERENCE_GEOMETRY
 
 from iceaggr.dataset import (
     GEOMETRY_FILE,
@@ -32,7 +33,6 @@ from iceaggr.synth import write_synthetic_dataset
 N_EVENTS = 900
 FILE_EVENTS = 300  # -> batch_1, batch_2, batch_3
 NUM_SENSORS = 5160
-REFERENCE_GEOMETRY = Path("/work/shared/reference/icecube86_sensor_geometry.csv")
 
 
 @pytest.fixture(scope="module")

@@ -41,20 +41,20 @@ OUTAGE_STEPS = 600
 OUTAGE_S = 15.0
 
 
-def _options(tmp: Path, data: Path, uri: str, name: str, **kw: Any) -> SweepOptions:
-    defaults: dict[str, Any] = dict(
-        data=str(data),
-        storage_path=str(tmp / "sweeps"),
-        tracking_uri=uri,
-        name=name,
-        table=False,
-        trials=1,
-        search_steps=STEPS,
-        report_every=REPORT_EVERY,
-        max_concurrent=1,
-    )
-    defaults.update(kw)
-    return SweepOptions.smoke(**defaults)
+def _options(tmp: Path, data: Path, uri: str, name: str, **changes: Any) -> SweepOptions:
+    """Smoke options for one search trial; ``changes`` by dotted option path."""
+    defaults: dict[str, Any] = {
+        "data.path": str(data),
+        "storage_path": str(tmp / "sweeps"),
+        "tracking.uri": uri,
+        "name": name,
+        "run_table": False,
+        "search.trials": 1,
+        "search.steps": STEPS,
+        "early_stop.report_every": REPORT_EVERY,
+        "resources.max_concurrent": 1,
+    }
+    return SweepOptions.smoke().changed({**defaults, **changes})
 
 
 def _expected_steps(last: int = STEPS) -> list[int]:
@@ -150,7 +150,11 @@ def test_killed_training_worker_resumes_from_its_checkpoint(
     restarts the whole worker group from the last registered checkpoint."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     opts = _options(
-        tmp_path, small_dataset, uri, "worker-kill", max_failures=2, workers_per_trial=workers
+        tmp_path,
+        small_dataset,
+        uri,
+        "worker-kill",
+        **{"resources.max_failures": 2, "resources.workers_per_trial": workers},
     )
     train_dir = tmp_path / "sweeps" / "worker-kill" / "train"
 
@@ -272,7 +276,11 @@ def test_mlflow_server_down_during_a_sweep_loses_nothing(
     ray_local, small_dataset, tmp_path, mlflow_server: MlflowServer, caplog
 ):
     opts = _options(
-        tmp_path, small_dataset, mlflow_server.url, "mlflow-outage", search_steps=OUTAGE_STEPS
+        tmp_path,
+        small_dataset,
+        mlflow_server.url,
+        "mlflow-outage",
+        **{"search.steps": OUTAGE_STEPS},
     )
     sweep_dir = tmp_path / "sweeps" / "mlflow-outage"
     caplog.set_level(logging.WARNING, logger="iceaggr_tune.mlflow_watch")

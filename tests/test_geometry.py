@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REFERENCE_GEOMETRY
 
 from iceaggr.geometry import (
     DOMS_PER_STRING,
@@ -14,11 +13,6 @@ from iceaggr.geometry import (
     NUM_STANDARD_STRINGS,
     NUM_STRINGS,
     make_geometry,
-)
-
-# The real IceCube-86 geometry, present in the development workspace only (never shipped).
-REFERENCE_GEOMETRY = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "icecube86_sensor_geometry.csv"
 )
 
 

@@ -105,18 +105,20 @@ def smoke_sweep(mlflow_server, ray_local, tmp_path_factory) -> SweepInUI:
     tmp = tmp_path_factory.mktemp("ui-sweep")
     data = tmp / "data"
     write_synthetic_dataset(data, n_events=1_500, batch_size=500, seed=3, progress=False)
-    opts = SweepOptions.smoke(
-        data=str(data),
-        storage_path=str(tmp / "sweeps"),
-        tracking_uri=url,
-        table_lrs=TABLE_LRS,
-        name="ui",
-        trials=TRIALS,
+    opts = SweepOptions.smoke().changed(
+        {
+            "data.path": str(data),
+            "storage_path": str(tmp / "sweeps"),
+            "tracking.uri": url,
+            "table.lrs": TABLE_LRS,
+            "name": "ui",
+            "search.trials": TRIALS,
+        }
     )
     result = run_sweep(opts)
     assert not result.interrupted
-    experiment = MlflowClient(tracking_uri=url).get_experiment_by_name(opts.experiment)
-    assert experiment is not None, f"no MLflow experiment {opts.experiment!r} on {url}"
+    experiment = MlflowClient(tracking_uri=url).get_experiment_by_name(opts.tracking.experiment)
+    assert experiment is not None, f"no MLflow experiment {opts.tracking.experiment!r} on {url}"
     return SweepInUI(
         url=url,
         server=mlflow_server,

@@ -21,8 +21,10 @@ import yaml
 from iceaggr.cli import main
 from iceaggr.config import ExperimentConfig, debug_config, to_dict
 from iceaggr.probe import (
+    CELL_METRIC,
     PROBE_LRS,
     Cell,
+    cell_from_result,
     classify,
     format_table,
     lr_label,
@@ -30,6 +32,7 @@ from iceaggr.probe import (
     run_probe,
     write_table,
 )
+from iceaggr.train import TrainResult
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -57,6 +60,52 @@ def test_classify_explodes() -> None:
     assert classify(diverged=True, loss_initial=1.6, loss_final=1.5, **kw) == ("explodes", None)
     assert classify(diverged=False, loss_initial=None, loss_final=1.5, **kw) == ("explodes", None)
     assert classify(diverged=False, loss_initial=1.6, loss_final=None, **kw) == ("explodes", None)
+
+
+def test_classify_non_finite_fixed_batch_loss_explodes() -> None:
+    kw = dict(diverged=False, max_grad_norm=5.0, grad_norm_warn=1e3)
+    assert classify(loss_initial=1.6, loss_final=math.nan, **kw) == ("explodes", None)
+    assert classify(loss_initial=math.inf, loss_final=1.5, **kw) == ("explodes", None)
+    assert classify(loss_initial=1.6, loss_final=-math.inf, **kw) == ("explodes", None)
+
+
+def test_a_nan_final_fixed_batch_loss_is_an_explosion_in_the_table() -> None:
+    # The run itself did not diverge (no guard fired), but the fixed batch scored NaN after
+    # the last step: the cell must say EXPLODES, not "Loss +nan".
+    result = TrainResult(
+        steps=3, fixed_batch_loss_initial=1.5, fixed_batch_loss_final=math.nan, max_grad_norm=0.5
+    )
+    cell = cell_from_result(1e-3, False, result, grad_norm_warn=1e3)
+    assert cell.text == "❌ EXPLODES"
+    assert (cell.status, cell.loss_change) == ("explodes", None)
+    assert (cell.loss_initial, cell.loss_final) == (1.5, None)
+    assert cell.diverged_at_step is None
+    assert cell.divergence_reason == (
+        "fixed-batch loss not finite: 1.5 before the first step, nan after"
+    )
+    assert format_table([cell]).splitlines()[2] == "| 1e-3 | ❌ EXPLODES | — |"
+
+
+def test_cell_travels_as_one_metric_and_comes_back_exactly() -> None:
+    cell = Cell(
+        lr=1e-3,
+        normalize=False,
+        status="explodes",
+        loss_change=None,
+        loss_initial=1.5707963267948966,
+        loss_final=None,
+        max_grad_norm=4.3e8,
+        diverged_at_step=7,
+        divergence_reason="diverged at step 7: non-finite loss (nan)",
+        max_abs_input=36012.5,
+    )
+    metrics = cell.to_metrics()
+    assert list(metrics) == [CELL_METRIC] and isinstance(metrics[CELL_METRIC], str)
+    back = Cell.from_metrics({"step": 7.0, **metrics})
+    assert back == cell
+    assert back.text == "❌ EXPLODES"
+    with pytest.raises(ValueError, match=r"no 'cell' in the trial's metrics \['step'\]"):
+        Cell.from_metrics({"step": 7.0})
 
 
 def test_classify_no_decrease() -> None:
@@ -179,6 +228,14 @@ def test_probe_config_is_the_original_protocol() -> None:
     assert cfg.data.max_val_events == 256
     assert cfg.name == "probe-lr3e-04-raw"
     assert base == debug_config("d")  # the base is not modified
+
+
+def test_probe_config_keeps_the_base_dropout_and_seed() -> None:
+    base = debug_config("d")
+    base.model.dropout = 0.1
+    base.train.seed = 5
+    cfg = probe_config(base, 1e-4, True, steps=4, batch_size=32)
+    assert (cfg.model.dropout, cfg.train.seed, cfg.model.normalize) == (0.1, 5, True)
 
 
 # ---------------------------------------------------------------- the probe, for real

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -21,7 +22,14 @@ from mlflow.tracking import MlflowClient
 
 from iceaggr.synth import write_synthetic_dataset
 from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
-from iceaggr_tune.sweep import OPTUNA_STUDY, SweepOptions, optuna_storage_url, run_sweep
+from iceaggr_tune.sweep import (
+    OPTUNA_STUDY,
+    SweepOptions,
+    base_experiment,
+    optuna_storage_url,
+    run_search,
+    run_sweep,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,29 +43,31 @@ def sweep_data(tmp_path_factory) -> Path:
     return path
 
 
-def _options(tmp: Path, data: Path, **kw) -> SweepOptions:
-    return SweepOptions.smoke(
-        data=str(data),
-        storage_path=str(tmp / "sweeps"),
-        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
-        table_lrs=TABLE_LRS,
-        **kw,
+def _options(tmp: Path, data: Path, changes: dict[str, Any]) -> SweepOptions:
+    return SweepOptions.smoke().changed(
+        {
+            "data.path": str(data),
+            "storage_path": str(tmp / "sweeps"),
+            "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "table.lrs": TABLE_LRS,
+            **changes,
+        }
     )
 
 
 def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_path):
-    opts = _options(tmp_path, sweep_data, name="records", trials=2)
+    opts = _options(tmp_path, sweep_data, {"name": "records", "search.trials": 2})
     result = run_sweep(opts)
     assert not result.interrupted
 
-    client = MlflowClient(tracking_uri=opts.tracking_uri)
+    client = MlflowClient(tracking_uri=opts.tracking.uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"stability_table.md", "stability_table.json", "best_config.json"} <= artifacts
 
-    runs = child_runs(opts.tracking_uri, result.parent_run_id)
-    assert len(runs) == 2 * len(TABLE_LRS) + opts.trials
+    runs = child_runs(opts.tracking.uri, result.parent_run_id)
+    assert len(runs) == 2 * len(TABLE_LRS) + opts.search.trials
     assert all(r.data.tags["mlflow.parentRunId"] == result.parent_run_id for r in runs)
     assert len({r.data.tags[TAG_TRIAL_ID] for r in runs}) == len(runs)
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -74,20 +84,32 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
     for r in diverged:
         assert r.info.status == "FAILED"
         step = int(r.data.tags["diverged_at_step"])
-        assert 1 <= step < opts.table_steps
+        assert 1 <= step < opts.table.steps
         assert "non-finite" in r.data.tags["divergence_reason"]
         history = client.get_metric_history(r.info.run_id, "loss")
         assert 1 <= len(history) <= step  # the curve up to the divergence, nothing after
     for r in healthy:
         assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "loss")) == opts.table_steps
-        assert len(client.get_metric_history(r.info.run_id, "grad_norm")) == opts.table_steps
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == opts.table.steps
+        assert len(client.get_metric_history(r.info.run_id, "grad_norm")) == opts.table.steps
 
     # The table: computed cells, the exploded ones marked.
     cells = {(c.lr, c.normalize): c for c in result.table or []}
     assert len(cells) == 4
     assert cells[(1e3, True)].status == "explodes"
     assert cells[(1e-4, True)].status != "explodes"
+    # Each cell is what its trial measured and classified, divergence report included.
+    by_cell = {
+        (float(r.data.params["lr"]), r.data.params["normalize"] == "True"): r for r in table_runs
+    }
+    for key, cell in cells.items():
+        tags = by_cell[key].data.tags
+        if cell.status == "explodes":
+            assert cell.diverged_at_step == int(tags["diverged_at_step"])
+            assert cell.divergence_reason == tags["divergence_reason"]
+        else:
+            assert cell.loss_change == pytest.approx(cell.loss_final - cell.loss_initial)
+            assert cell.divergence_reason is None
     table_json = json.loads(
         (Path(opts.storage_path) / "records" / "stability_table.json").read_text()
     )
@@ -99,7 +121,7 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
         study_name=OPTUNA_STUDY, storage=optuna_storage_url(Path(opts.storage_path) / "records")
     )
     states = [t.state for t in study.trials]
-    assert len(states) == opts.trials
+    assert len(states) == opts.search.trials
     assert optuna.trial.TrialState.RUNNING not in states
     assert result.best is not None and 0 < result.best["val_angle"] < 3.2
 
@@ -107,7 +129,15 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
 def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, tmp_path):
     # Every sampled lr is absurd: each trial must end diverged, penalized in Optuna.
     opts = _options(
-        tmp_path, sweep_data, name="diverging", table=False, trials=2, lr_min=1e2, lr_max=1e4
+        tmp_path,
+        sweep_data,
+        {
+            "name": "diverging",
+            "run_table": False,
+            "search.trials": 2,
+            "search.lr_min": 1e2,
+            "search.lr_max": 1e4,
+        },
     )
     result = run_sweep(opts)
     study = optuna.load_study(
@@ -115,7 +145,7 @@ def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, t
     )
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert all(t.value == pytest.approx(3.14159265, abs=1e-6) for t in study.trials)
-    runs = child_runs(opts.tracking_uri, result.parent_run_id)
+    runs = child_runs(opts.tracking.uri, result.parent_run_id)
     assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
     assert result.best is None
 
@@ -174,3 +204,42 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_local, sweep_data, tmp
     for trial_id, end_time in finished_before.items():
         assert by_id[trial_id].info.end_time == end_time, "a finished trial ran again"
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def _boards(sweep: str) -> list[str]:
+    """Names of the live early-stop board actors of sweep ``sweep``."""
+    import ray
+
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"asha-{sweep}-")
+    ]
+
+
+def test_a_failing_tuner_leaves_no_early_stop_board(ray_local, sweep_data, tmp_path):
+    # The board is a detached actor: left alive, it outlives the sweep on a persistent cluster.
+    opts = _options(tmp_path, sweep_data, {"name": "board", "run_table": False})
+    sweep_dir = tmp_path / "sweeps" / "board"
+    sweep_dir.mkdir(parents=True)
+    not_a_folder = tmp_path / "not-a-folder"
+    not_a_folder.write_text("")  # Tune cannot put its experiment under a file
+    with pytest.raises(Exception, match="not-a-folder"):
+        run_search(opts, base_experiment(opts), "no-run", str(not_a_folder), sweep_dir, None)
+    deadline = time.time() + 30
+    while _boards("board") and time.time() < deadline:
+        time.sleep(0.5)
+    assert _boards("board") == []
+
+
+def test_sweep_records_keep_no_tracking_credentials(ray_local, mlflow_server, sweep_data, tmp_path):
+    host = mlflow_server.url.split("://", 1)[1]
+    uri = "http://alice:" + "s3cret" + f"@{host}"  # the server ignores them; requests sends them
+    changes = {"name": "creds", "tracking.uri": uri, "run_search": False, "table.lrs": (1e3,)}
+    result = run_sweep(_options(tmp_path, sweep_data, changes))
+    text = (tmp_path / "sweeps" / "creds" / "sweep.json").read_text()
+    assert "s3cret" not in text
+    assert json.loads(text)["tracking_uri"] == f"http://***@{host}"
+    params = MlflowClient(tracking_uri=mlflow_server.url).get_run(result.parent_run_id).data.params
+    assert params["sweep.tracking.uri"] == f"http://***@{host}"
+    assert len(result.table or []) == 2

@@ -1,0 +1,241 @@
+"""The options of a sweep (``python tune/lr_sweep.py``), one small dataclass per concern.
+
+:class:`SweepOptions` holds the run-level flags and one dataclass each for the data, the
+resources of a trial, MLflow tracking, the stability table, the Optuna search and the early
+stopping. The sweep driver reads all of them; each trial gets the ones it needs
+(:class:`iceaggr_tune.trial.TrialSettings` holds the same objects). The command line is made
+from these classes (:mod:`iceaggr_tune.cli_options`): each field is a flag, the docstring under
+it the flag's help, and its default is written here only. :meth:`SweepOptions.smoke` is the
+toy-size preset of ``--smoke-test``; :meth:`SweepOptions.changed` takes dotted changes::
+
+    opts = SweepOptions.smoke().changed({"name": "try", "search.trials": 4})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from iceaggr.probe import PROBE_BATCH_SIZE, PROBE_LRS, PROBE_STEPS
+from iceaggr.tracking import DEFAULT_WAIT_S
+from iceaggr_tune.cli_options import CLI, ENV, FLAG, METAVAR, OptionError, with_changes
+
+ASHA_REDUCTION_FACTOR = 2
+"""At each rung only the best half of the trials recorded so far continue."""
+
+
+def _require(obj: Any, low: float, *names: str, strict: bool = False) -> None:
+    """Each named field of ``obj`` must be >= ``low`` (> ``low`` when ``strict``)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < low or (strict and value == low):
+            raise OptionError(name, f"must be {'>' if strict else '>='} {low:g}, got {value}")
+
+
+@dataclass(kw_only=True)
+class DataOptions:
+    """Training data: a Kaggle-layout dataset, made synthetically on first use."""
+
+    path: str = field(default="data/synthetic", metadata={FLAG: "data"})
+    """Kaggle-layout dataset folder; synthetic events are made there on first use when it
+    holds no dataset."""
+    events: int = 24_000
+    """Synthetic events made on first use."""
+    events_per_file: int = 8_000
+    """Synthetic events per batch file made on first use (the last file validates)."""
+    seed: int = field(default=0, metadata={FLAG: "data-seed"})
+    """Seed of the synthetic events made on first use."""
+
+    def __post_init__(self) -> None:
+        _require(self, 1, "events", "events_per_file")
+
+
+@dataclass(kw_only=True)
+class ResourceOptions:
+    """Resources: what each trial books on the Ray cluster."""
+
+    workers_per_trial: int = 1
+    """Ray Train workers (data parallel) per trial."""
+    cpus_per_worker: float = 1.0
+    """CPUs each training worker books."""
+    gpus_per_worker: float = 0.0
+    """GPUs each training worker books; 0 trains on the CPU, 0.25 runs four one-worker trials
+    on each GPU."""
+    worker_resources: dict[str, float] = field(
+        default_factory=dict, metadata={FLAG: "worker-resource", METAVAR: "NAME=AMOUNT"}
+    )
+    """Custom Ray resource each training worker needs (repeatable), e.g. trainer=1 to train
+    only on nodes started with that resource."""
+    max_concurrent: int | None = None
+    """Trials at once; default: what the cluster's CPUs, GPUs and custom resources allow."""
+    max_failures: int = 1
+    """Worker-group restarts of a trial, each from its last checkpoint, before it errors
+    (-1: no limit)."""
+
+    def __post_init__(self) -> None:
+        _require(self, 1, "workers_per_trial")
+        _require(self, 0, "cpus_per_worker", strict=True)
+        _require(self, 0, "gpus_per_worker")
+        _require(self, -1, "max_failures")
+        if self.max_concurrent is not None:
+            _require(self, 1, "max_concurrent")
+        for name, amount in self.worker_resources.items():
+            if not amount > 0:
+                raise OptionError("worker_resources", f"{name}={amount}: amount must be > 0")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+@dataclass(kw_only=True)
+class TrackingOptions:
+    """MLflow tracking: where the sweep's parent run and every trial's run go."""
+
+    uri: str = field(
+        default="sqlite:///mlflow.db", metadata={FLAG: "tracking-uri", ENV: "MLFLOW_TRACKING_URI"}
+    )
+    """MLflow tracking URI; on a cluster an http(s) server every node reaches."""
+    experiment: str = "iceaggr-lr-sweep"
+    """MLflow experiment name."""
+    wait_s: float = field(default=DEFAULT_WAIT_S, metadata={FLAG: "mlflow-wait"})
+    """Seconds MLflow bookkeeping waits for an unreachable tracking server; training goes on
+    meanwhile and its records are sent when the server is back."""
+
+    def __post_init__(self) -> None:
+        _require(self, 0, "wait_s")
+
+
+@dataclass(kw_only=True)
+class TableOptions:
+    """Stability table: one trial per learning rate and normalization off/on."""
+
+    lrs: tuple[float, ...] = field(default=PROBE_LRS, metadata={FLAG: "table-lrs"})
+    """Learning rates of the table's rows."""
+    steps: int = field(default=PROBE_STEPS, metadata={FLAG: "table-steps"})
+    """Training steps per table cell (original: 20)."""
+    batch_size: int = field(default=PROBE_BATCH_SIZE, metadata={FLAG: "table-batch-size"})
+    """Events per batch of a table cell (original: 256)."""
+
+    def __post_init__(self) -> None:
+        if not self.lrs or min(self.lrs) <= 0:
+            raise OptionError("lrs", f"need one or more learning rates > 0, got {self.lrs}")
+        _require(self, 1, "steps", "batch_size")
+
+
+@dataclass(kw_only=True)
+class SearchOptions:
+    """Optuna search: TPE over learning rate and dropout of the normalized model."""
+
+    trials: int = 8
+    """Optuna trials."""
+    steps: int = 60
+    """Training steps per search trial."""
+    batch_size: int = field(default=64, metadata={FLAG: "search-batch-size"})
+    """Events per batch of a search step."""
+    lr_min: float = 1e-5
+    """Lowest learning rate searched (log-uniform)."""
+    lr_max: float = 1e-3
+    """Highest learning rate searched."""
+    dropout_min: float = 0.0
+    """Lowest dropout searched (uniform)."""
+    dropout_max: float = 0.3
+    """Highest dropout searched."""
+    val_events: int = 1000
+    """Validation events scored at each report of a search trial (early stopping and Optuna
+    read them)."""
+
+    def __post_init__(self) -> None:
+        _require(self, 1, "trials", "steps", "batch_size", "val_events")
+        if not 0 < self.lr_min < self.lr_max:
+            raise OptionError(
+                ("lr_min", "lr_max"), f"need 0 < lr_min < lr_max, got {self.lr_min}, {self.lr_max}"
+            )
+        if not 0 <= self.dropout_min <= self.dropout_max < 1:
+            raise OptionError(
+                ("dropout_min", "dropout_max"),
+                "need 0 <= dropout_min <= dropout_max < 1, "
+                f"got {self.dropout_min}, {self.dropout_max}",
+            )
+
+
+@dataclass(kw_only=True)
+class EarlyStopOptions:
+    """Reports and early stopping: each report of a search trial is a rung of ASHA."""
+
+    report_every: int = 10
+    """Steps between reports to Tune (each waits for Ray Train's poll; a search trial's report
+    carries a validation and a checkpoint)."""
+    grace_reports: int = 2
+    """Reports every search trial makes before early stopping may end it."""
+    reduction_factor: int = ASHA_REDUCTION_FACTOR
+    """At each rung only the best 1/reduction_factor of the trials recorded so far continue."""
+
+    def __post_init__(self) -> None:
+        _require(self, 1, "report_every", "grace_reports")
+        _require(self, 2, "reduction_factor")
+
+
+@dataclass(kw_only=True)
+class SweepOptions:
+    """Everything one sweep needs: the run-level flags and one option group per concern."""
+
+    name: str | None = None
+    """Sweep name (Tune experiment folder and MLflow parent run); default: the next free
+    sweep-N, with --resume the latest sweep."""
+    config: str | None = None
+    """Base experiment YAML; default: the baseline config (d_model 128, 4+4 layers), with
+    --smoke-test the debug config."""
+    model_overrides: list[str] = field(
+        default_factory=list, metadata={FLAG: "set", METAVAR: "KEY=VALUE"}
+    )
+    """Override in the base config (repeatable), e.g. --set model.d_model=64; applies to the
+    --config file or to the default config."""
+    seed: int = 0
+    """Training seed of every trial (every table cell starts from the same weights)."""
+    address: str | None = field(default=None, metadata={ENV: "RAY_ADDRESS"})
+    """Ray cluster to join (auto, ray://...); none starts a local Ray."""
+    allow_unauthenticated_ray: bool = False
+    """Run on a Ray cluster without token authentication (refused by default)."""
+    storage_path: str = "runs/sweeps"
+    """Tune/Train results and checkpoints; s3:// or a shared folder on a multi-node cluster."""
+    local_dir: str = "runs/sweeps"
+    """The driver's own records (sweep.json, tables, Optuna study) when --storage-path is
+    remote."""
+    run_table: bool = field(default=True, metadata={CLI: False})
+    """Run the stability table (--search-only turns it off)."""
+    run_search: bool = field(default=True, metadata={CLI: False})
+    """Run the Optuna search (--table-only turns it off)."""
+    resume: bool = False
+    """Continue an interrupted sweep: finished trials are restored, not run again."""
+    smoke_test: bool = False
+    """The whole path at toy size (a few minutes on 2 CPUs); sets the smoke defaults."""
+    data: DataOptions = field(default_factory=DataOptions)
+    resources: ResourceOptions = field(default_factory=ResourceOptions)
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)
+    table: TableOptions = field(default_factory=TableOptions)
+    search: SearchOptions = field(default_factory=SearchOptions)
+    early_stop: EarlyStopOptions = field(default_factory=EarlyStopOptions)
+
+    def __post_init__(self) -> None:
+        if not (self.run_table or self.run_search):
+            raise OptionError(
+                ("run_table", "run_search"),
+                "nothing to run: both the table and the search are disabled",
+            )
+
+    @classmethod
+    def smoke(cls) -> SweepOptions:
+        """The whole path at toy size (a few minutes on 2 CPUs)."""
+        return cls(
+            smoke_test=True,
+            data=DataOptions(path="data/synthetic-smoke", events=1_500, events_per_file=500),
+            table=TableOptions(lrs=(1e-4, 1e-3), steps=4, batch_size=32),
+            search=SearchOptions(trials=2, steps=6, batch_size=32, val_events=64),
+            early_stop=EarlyStopOptions(report_every=3, grace_reports=1),
+        )
+
+    def changed(self, changes: Mapping[str, Any]) -> SweepOptions:
+        """A validated copy with ``{"name": "x", "search.trials": 2}``-style changes."""
+        return with_changes(self, changes)

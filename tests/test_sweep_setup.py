@@ -1,0 +1,113 @@
+"""The sweep's set-up without a cluster: its base config, a table trial's config and the
+``sweep.json`` it keeps for ``--resume`` (the sweep itself runs in test_sweep.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from iceaggr.config import ConfigError, baseline_config, debug_config, to_dict
+from iceaggr.probe import probe_config
+from iceaggr_tune.options import TableOptions
+from iceaggr_tune.sweep import (
+    SWEEP_STATE,
+    SweepError,
+    SweepOptions,
+    base_experiment,
+    read_sweep_state,
+    write_sweep_state,
+)
+from iceaggr_tune.trial import TrialSettings, trial_experiment
+
+# ---------------------------------------------------------------- the base config
+
+
+def test_set_overrides_apply_to_the_default_config_without_config() -> None:
+    opts = SweepOptions().changed({"model_overrides": ["model.d_model=64", "train.lr=1e-3"]})
+    cfg = base_experiment(opts)
+    assert (cfg.model.d_model, cfg.train.lr) == (64, 1e-3)
+    baseline = baseline_config().model
+    assert dataclasses.replace(cfg.model, d_model=baseline.d_model) == baseline  # the rest kept
+
+
+def test_set_overrides_apply_to_the_smoke_config() -> None:
+    opts = SweepOptions.smoke().changed({"model_overrides": ["model.dropout=0.2"]})
+    cfg = base_experiment(opts)
+    assert cfg.model.dropout == 0.2
+    assert cfg.model.d_model == debug_config().model.d_model
+
+
+def test_set_overrides_apply_to_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "base.yaml"
+    path.write_text("model:\n  d_model: 96\n")
+    opts = SweepOptions().changed({"config": str(path), "model_overrides": ["train.lr=2e-4"]})
+    cfg = base_experiment(opts)
+    assert (cfg.model.d_model, cfg.train.lr) == (96, 2e-4)
+
+
+def test_a_bad_set_override_fails_naming_the_key() -> None:
+    opts = SweepOptions().changed({"model_overrides": ["train.lrr=1"]})
+    with pytest.raises(ConfigError, match=r"--set\.train: unknown key\(s\) \['lrr'\]"):
+        base_experiment(opts)
+
+
+# ---------------------------------------------------------------- a table trial's config
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_table_trial_trains_exactly_the_probe_cell(normalize: bool) -> None:
+    base = debug_config("/data")
+    base.model.dropout = 0.1  # the protocol keeps the base's dropout, in both paths
+    table = TableOptions(lrs=(3e-4,), steps=7, batch_size=48)
+    settings = TrialSettings(
+        base=to_dict(base),
+        part="table",
+        parent_run_id="p",
+        storage_path="/tmp/unused",
+        tracking=SweepOptions().tracking,
+        resources=SweepOptions().resources,
+        table=table,
+    )
+    cfg = trial_experiment(settings, {"lr": 3e-4, "normalize": normalize})
+    assert cfg == probe_config(base, 3e-4, normalize, steps=7, batch_size=48)
+    assert (cfg.model.dropout, cfg.train.max_steps, cfg.train.batch_size) == (0.1, 7, 48)
+
+
+# ---------------------------------------------------------------- sweep.json
+
+
+def credentialed(host: str = "mlflow.internal:5000") -> str:
+    return "https://alice:" + "s3cret" + f"@{host}"
+
+
+def test_sweep_json_keeps_no_credentials(tmp_path: Path) -> None:
+    opts = SweepOptions().changed(
+        {"tracking.uri": credentialed(), "address": "ray://bob:" + "hunter2" + "@head:10001"}
+    )
+    path = write_sweep_state(tmp_path, "parent-1", opts)
+    assert path == tmp_path / SWEEP_STATE
+    text = path.read_text()
+    assert "s3cret" not in text and "hunter2" not in text
+    state = json.loads(text)
+    assert state["tracking_uri"] == "https://***@mlflow.internal:5000"
+    assert state["options"]["tracking.uri"] == "https://***@mlflow.internal:5000"
+    assert state["options"]["address"] == "ray://***@head:10001"
+    assert state["options"]["search.trials"] == 8
+
+
+def test_resume_takes_the_credentials_from_the_given_uri(tmp_path: Path) -> None:
+    write_sweep_state(
+        tmp_path, "parent-1", SweepOptions().changed({"tracking.uri": credentialed()})
+    )
+    assert read_sweep_state(tmp_path, credentialed()) == ("parent-1", credentialed())
+    with pytest.raises(SweepError, match=r"logs to https://\*\*\*@mlflow.internal:5000, whose"):
+        read_sweep_state(tmp_path, "sqlite:///mlflow.db")
+
+
+def test_resume_without_credentials_uses_the_recorded_uri(tmp_path: Path) -> None:
+    recorded = "http://127.0.0.1:5000"
+    write_sweep_state(tmp_path, "parent-2", SweepOptions().changed({"tracking.uri": recorded}))
+    assert read_sweep_state(tmp_path, "sqlite:////elsewhere.db") == ("parent-2", recorded)
