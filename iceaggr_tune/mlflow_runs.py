@@ -22,6 +22,8 @@ TAG_SWEEP_NAME = "sweep_name"
 TAG_NODE = "node_ip"
 TAG_DRIVER_NODE = "driver_node_id"
 TAG_WORKER_NODE = "worker_node_id"  # the Ray node of the rank-0 training worker
+TAG_IS_PARENT = "is_parent"  # "true" on a sweep's parent run
+TAG_ENDED_BY = "ended_by"  # who ended a run the sweep found left RUNNING
 
 
 def client_for(uri: str, wait_s: float = DEFAULT_WAIT_S) -> PatientClient:
@@ -35,7 +37,7 @@ def find_or_create_parent(uri: str, experiment: str, sweep_name: str) -> str:
     exp_id = get_or_create_experiment(client, experiment)
     found = client.search_runs(
         [exp_id],
-        filter_string=f"tags.{TAG_SWEEP_NAME} = '{sweep_name}' and tags.is_parent = 'true'",
+        filter_string=f"tags.{TAG_SWEEP_NAME} = '{sweep_name}' and tags.{TAG_IS_PARENT} = 'true'",
         max_results=1,
     )
     if found:
@@ -43,7 +45,7 @@ def find_or_create_parent(uri: str, experiment: str, sweep_name: str) -> str:
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(
-        exp_id, run_name=sweep_name, tags={TAG_SWEEP_NAME: sweep_name, "is_parent": "true"}
+        exp_id, run_name=sweep_name, tags={TAG_SWEEP_NAME: sweep_name, TAG_IS_PARENT: "true"}
     )
     return run.info.run_id
 
@@ -96,7 +98,7 @@ def close_running(uri: str, parent_run_id: str, status: str = "KILLED") -> int:
     for run in child_runs(uri, parent_run_id):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status=status)
-            client.set_tag(run.info.run_id, "ended_by", "sweep cleanup")
+            client.set_tag(run.info.run_id, TAG_ENDED_BY, "sweep cleanup")
             n += 1
     if n:
         log.warning("marked %d MLflow run(s) left RUNNING as %s", n, status)
