@@ -450,8 +450,8 @@ class Trainer:
         self.fixed_batch: DomBatch | None = None
         if build_data:
             self._batches = self._audited_batches()
-            if track_fixed_batch:
-                self._track_fixed_batch()
+        if track_fixed_batch:
+            self._track_fixed_batch()
 
     # ------------------------------------------------------------------ building
 
