@@ -251,7 +251,9 @@ class DivergenceGuard:
         self._first_bad_kind = torch.zeros((), dtype=torch.long, device=device)
         self._first_bad_param = torch.full((), -1, dtype=torch.long, device=device)
         self._max_norm = torch.full((), max_grad_norm, dtype=torch.float32, device=device)
-        self._max_param_norm = torch.full((), max_param_grad_norm, device=device)
+        self._max_param_norm = torch.full(
+            (), max_param_grad_norm, dtype=torch.float32, device=device
+        )
         index = param_names.index(max_param_grad_name) if max_param_grad_name else -1
         self._max_param_index = torch.full((), index, dtype=torch.long, device=device)
         self._input_absmax: dict[str, torch.Tensor] = {}
@@ -319,7 +321,8 @@ class TrainState:
 
     One file (``checkpoint.pt``) holds the model, optimizer and scheduler state dicts, the
     fields below, the torch (and CUDA) RNG states and the run's config; :meth:`save` writes
-    it atomically, :meth:`restore` loads it back so a resumed run continues bit for bit.
+    it atomically, :meth:`restore` loads it back so a resumed run continues as the
+    uninterrupted one would (bit for bit on the CPU, see tests/test_train.py).
     """
 
     step: int = 0

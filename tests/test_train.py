@@ -995,3 +995,8 @@ def test_a_trainer_without_data_only_steps(small_dataset: Path, tmp_path: Path) 
     assert out.param_grad_norms.shape == (len(trainer.param_names),)
     with pytest.raises(RuntimeError, match="built with build_data=False"):
         trainer.fit()
+
+
+def test_mlflow_hook_needs_a_tracking_uri(small_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^train\.mlflow_tracking_uri is not set"):
+        MlflowHook.for_config(make_cfg(small_dataset, tmp_path))
