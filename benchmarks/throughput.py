@@ -2,16 +2,18 @@
 
 Measures, for every device (CPU always, CUDA when available) and precision (fp32, bf16 autocast):
 
-- training events/s of one optimizer step (forward + backward + AdamW step, angular-distance
-  loss, gradient clipping at the config's ``grad_clip``) of the model in
-  ``experiments/baseline_1m/config_fixed.yaml`` (d_model 128, 4 DOM + 4 event layers), with
-  ``attention="packed"`` and, in the same run, with ``attention="padded"`` (the naive reference,
-  same parameters: every DOM padded to the longest DOM of the batch, every event to the
-  largest event, a dense key-padding mask). The speed-up is the ratio of the two rates at the
-  same batch size. The padded model can need hundreds of GB at batch 256; its batch is halved
-  until the estimated memory fits (and, so that a CPU run ends, the predicted step time fits
-  ``--max-step-s``); the packed model is then also timed at that batch for the ratio, and the
-  configurations that do not fit are listed as ``skipped: would need N GB``.
+- training events/s of :meth:`iceaggr.train.Trainer.train_step`, the step training runs
+  (input magnitudes for the divergence guard, forward, the config's loss, backward,
+  per-parameter gradient norms, clipping at the config's ``grad_clip``, AdamW and schedule
+  step), of the model in ``experiments/baseline_1m/config_fixed.yaml`` (d_model 128, 4 DOM +
+  4 event layers), with ``attention="packed"`` and, in the same run, with
+  ``attention="padded"`` (the naive reference, same parameters: every DOM padded to the
+  longest DOM of the batch, every event to the largest event, a dense key-padding mask). The
+  speed-up is the ratio of the two rates at the same batch size. The padded model can need
+  hundreds of GB at batch 256; its batch is halved until the estimated memory fits (and, so
+  that a CPU run ends, the predicted step time fits ``--max-step-s``); the packed model is
+  then also timed at that batch for the ratio, and the configurations that do not fit are
+  listed as ``skipped: would need N GB``.
 - peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the peak resident set
   size (``VmHWM``, reset through ``/proc/self/clear_refs``) above the RSS before the model was
   built (falls back to ``getrusage`` max RSS, a whole-process peak, where that is not possible).
@@ -61,7 +63,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,9 @@ from iceaggr.batch import PULSE_FEATURES, DomBatch
 from iceaggr.config import ExperimentConfig, load_config
 from iceaggr.geometry import NUM_SENSORS
 from iceaggr.loader import Truncation
-from iceaggr.losses import angular_distance_loss
-from iceaggr.model import IceAggrModel, ModelConfig, param_groups
+from iceaggr.model import IceAggrModel, ModelConfig
 from iceaggr.normalization import NUM_SUMMARY_FEATURES
+from iceaggr.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "experiments" / "baseline_1m" / "config_fixed.yaml"
@@ -490,12 +491,6 @@ class CpuPeakMemory:
             self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def autocast_context(device: torch.device, precision: str) -> AbstractContextManager[Any]:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 # ------------------------------------------------------------------------ one configuration
 
 
@@ -519,25 +514,17 @@ def _timed_steps(
     repeats: int,
     compile_model: bool,
 ) -> tuple[float, list[float]]:
-    """(warm-up seconds, mean step seconds of each repeat); the model dies on return."""
-    tc = cfg.train
-    model = IceAggrModel(model_cfg)
-    model.load_state_dict(state)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=device.type == "cuda"
+    """(warm-up seconds, mean seconds of each repeat) of ``Trainer.train_step``; the trainer
+    (model ``model_cfg`` with parameters ``state``) dies on return."""
+    train_cfg = dataclasses.replace(cfg.train, precision=precision)
+    trainer = Trainer(
+        dataclasses.replace(cfg, model=model_cfg, train=train_cfg), device=device, build_data=False
     )
-    run_model: Callable[[DomBatch], Any] = torch.compile(model) if compile_model else model
-    params = list(model.parameters())
-
-    def step(batch: DomBatch) -> None:
-        with autocast_context(device, precision):
-            out = run_model(batch)
-        loss = angular_distance_loss(out.direction.float(), batch.direction)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
+    trainer.model.load_state_dict(state)
+    if compile_model:
+        trainer.train_model = torch.compile(trainer.model)
+    trainer.train_model.train()
+    step = trainer.train_step
 
     t0 = time.perf_counter()
     for i in range(n_warm):

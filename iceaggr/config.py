@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from iceaggr.loader import Truncation
+from iceaggr.losses import LossKind
 from iceaggr.model import ModelConfig, baseline_model_config, debug_model_config
 from iceaggr.tracking import DEFAULT_WAIT_S
 
@@ -82,7 +83,7 @@ class TrainConfig:
     warmup_steps: int = 100
     """Linear warm-up from 0, then cosine decay to ``min_lr_ratio * lr``."""
     min_lr_ratio: float = 0.1
-    loss: Literal["angular", "vmf"] = "angular"
+    loss: LossKind = "angular"
     """``angular``: mean angular distance (the stability table's); ``vmf``: von Mises-Fisher NLL."""
     seed: int = 0
     device: str = "auto"

@@ -4,6 +4,8 @@
   and true directions; the stability table's loss.
 - :func:`vmf_nll` / :func:`vmf_loss`: von Mises-Fisher negative log-likelihood on the sphere
   (closed form for 3-D), stable from kappa 1e-4 to 1e5.
+- :func:`training_loss`: the loss a run trains on, chosen by ``train.loss`` (``angular`` or
+  ``vmf``).
 - :func:`angles_to_vector`, :func:`vector_to_angles`: Kaggle (azimuth, zenith) <-> unit vector
   ``(cos az sin zen, sin az sin zen, cos zen)``.
 - :func:`competition_metric`: the Kaggle score, ``mean(arccos(clip(v_true . v_pred, -1, 1)))``.
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
+
+LossKind = Literal["angular", "vmf"]
+LOSS_KINDS: tuple[LossKind, ...] = ("angular", "vmf")
 
 LOG_2PI = math.log(2.0 * math.pi)
 TWO_PI = 2.0 * math.pi
@@ -63,6 +69,19 @@ def vmf_nll(direction: torch.Tensor, kappa: torch.Tensor, target: torch.Tensor) 
 def vmf_loss(direction: torch.Tensor, kappa: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Scalar mean of :func:`vmf_nll`."""
     return vmf_nll(direction, kappa, target).mean()
+
+
+def training_loss(
+    kind: LossKind, direction: torch.Tensor, kappa: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Scalar training loss of ``kind``: :func:`angular_distance_loss` (``angular``, the
+    stability table's) or :func:`vmf_loss` (``vmf``) of ``direction`` (B, 3), ``kappa`` (B,)
+    and unit ``target`` (B, 3)."""
+    if kind == "angular":
+        return angular_distance_loss(direction, target)
+    if kind == "vmf":
+        return vmf_loss(direction, kappa, target)
+    raise ValueError(f"unknown loss {kind!r}; use one of {list(LOSS_KINDS)}")
 
 
 def angles_to_vector(azimuth: torch.Tensor, zenith: torch.Tensor) -> torch.Tensor:

@@ -257,13 +257,3 @@ class InputNormalizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}"
-
-
-def largest_abs_inputs(features: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Largest absolute value per feature (host floats), for divergence reports.
-
-    A feature above ~100 was not normalized. Empty tensors report 0.0.
-    """
-    return {
-        name: float(x.detach().abs().max()) if x.numel() else 0.0 for name, x in features.items()
-    }

@@ -1,6 +1,6 @@
 """MLflow records for one training run, robust to a tracking server that goes away.
 
-Two pieces:
+Three pieces:
 
 * :class:`PatientClient` wraps ``MlflowClient``: a call that cannot reach the server
   (connection refused, timeout, 5xx) is retried every few seconds, with a warning, until
@@ -13,6 +13,8 @@ Two pieces:
   :meth:`RunLogger.terminate` waits for it (up to ``wait_s``). If the process dies first,
   the next logger on the same run and spool folder (a restarted Ray Train worker) sends
   what the spool holds, or ``iceaggr mlflow-sync`` does.
+* :class:`MlflowHook` is the trainer's hook (:mod:`iceaggr.hooks`) that owns a run's
+  :class:`RunLogger`: params, input audit, metrics, divergence tags, the final status.
 
 A run written before (a resumed or restarted trial) already holds its curve up to some
 step; the logger learns that step from the server at first contact and drops metrics at or
@@ -30,7 +32,13 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from iceaggr.hooks import Hook
+
+if TYPE_CHECKING:
+    from iceaggr.config import ExperimentConfig
+    from iceaggr.train import DivergenceReport, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +47,6 @@ TAG_DIVERGED = "diverged"
 TAG_DIVERGED_AT_STEP = "diverged_at_step"
 TAG_DIVERGENCE_REASON = "divergence_reason"
 TAG_PARENT = "mlflow.parentRunId"
-TAG_RUN_NAME = "mlflow.runName"
 # The first step a resumed or restarted run trained (its curve continues from there).
 TAG_RESUMED_FROM_STEP = "resumed_from_step"
 
@@ -462,6 +469,93 @@ class RunLogger:
                 f"{self.run_id}; the run is left open"
             )
         self.client.set_terminated(self.run_id, status=status)
+
+
+class MlflowHook(Hook):
+    """Logs a training run to MLflow through a :class:`RunLogger` (rank 0 only).
+
+    At the start: the run (made now, or the given ``run_id``), its ``tags`` (plus
+    ``resumed_from_step`` for a resumed run), the config and world size as params and the
+    input audit's largest magnitudes. Every report's metrics; at a divergence its metrics and
+    the ``diverged`` tags. At the end a run this hook made is ended (FAILED when it diverged,
+    else FINISHED); a given run is only flushed, blocking, for its owner to end.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        experiment: str = "iceaggr",
+        spool_dir: str | Path | None = None,
+        wait_s: float = DEFAULT_WAIT_S,
+    ) -> None:
+        self.tracking_uri, self.run_id, self.tags = tracking_uri, run_id, dict(tags or {})
+        self.experiment, self.spool_dir, self.wait_s = experiment, spool_dir, wait_s
+        self.logger: RunLogger | None = None
+
+    @classmethod
+    def for_config(
+        cls, cfg: ExperimentConfig, *, run_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> MlflowHook:
+        """The hook for ``cfg.train``'s tracking URI, experiment, spool folder and wait."""
+        tc = cfg.train
+        if not tc.mlflow_tracking_uri:
+            raise ValueError("train.mlflow_tracking_uri is not set: there is no MLflow to log to")
+        spool = Path(tc.mlflow_spool_dir).expanduser() if tc.mlflow_spool_dir else None
+        return cls(
+            tc.mlflow_tracking_uri,
+            run_id=run_id,
+            tags=tags,
+            experiment=tc.mlflow_experiment,
+            spool_dir=spool,
+            wait_s=tc.mlflow_wait_s,
+        )
+
+    def on_start(self, trainer: Trainer) -> None:
+        from iceaggr.config import to_dict
+
+        self.logger = RunLogger(
+            self.tracking_uri,
+            run_id=self.run_id,
+            experiment=self.experiment,
+            run_name=trainer.cfg.name,
+            spool_dir=self.spool_dir if self.spool_dir is not None else trainer.checkpoint_dir,
+            wait_s=self.wait_s,
+        )
+        tags = dict(self.tags)
+        if trainer.start_step > 0:  # a resumed run says from where (its curve continues there)
+            tags[TAG_RESUMED_FROM_STEP] = str(trainer.start_step)
+        if tags:
+            self.logger.set_tags(tags)
+        self.logger.log_params({**to_dict(trainer.cfg), "world_size": trainer.world_size})
+        audit = trainer.result.input_audit
+        self.logger.log_params(
+            {f"input_audit.{k}.absmax": f"{v['absmax']:.4g}" for k, v in audit.items()}
+        )
+
+    def on_report(self, metrics: dict[str, float], step: int, checkpoint_dir: Path | None) -> None:
+        assert self.logger is not None
+        self.logger.log_metrics(metrics, step)
+
+    def on_diverged(self, report: DivergenceReport, metrics: dict[str, float], step: int) -> None:
+        assert self.logger is not None
+        self.logger.log_metrics(metrics, step)
+        self.logger.set_tags(
+            {
+                TAG_DIVERGED: "true",
+                TAG_DIVERGED_AT_STEP: report.step,
+                TAG_DIVERGENCE_REASON: report.summary(),
+            }
+        )
+
+    def on_end(self, result: TrainResult) -> None:
+        assert self.logger is not None
+        if self.run_id is None:  # a run this hook made; otherwise its owner ends it
+            self.logger.terminate("FAILED" if result.diverged else "FINISHED")
+        else:
+            self.logger.flush(block=True)  # the owner ends the run; the records must be there
 
 
 def sync_spool(spool_dir: str | Path, tracking_uri: str, wait_s: float = 60.0) -> dict[str, int]:

@@ -1,24 +1,25 @@
 """The training loop: one process, or one rank of a data-parallel job.
 
-``train(cfg)`` runs AdamW with linear warm-up and cosine decay, clips the global
-gradient norm (recording the norm before clipping), uses bf16 autocast on CUDA,
-validates on held-out batch files with the competition metric, checkpoints so a
-run resumes exactly, and logs to MLflow when a tracking URI is configured.
+:class:`Trainer` runs AdamW with linear warm-up and cosine decay, clips the global gradient
+norm (recording the norm before clipping, and every parameter's), uses bf16 autocast on CUDA,
+validates on held-out batch files with the competition metric, checkpoints
+(:class:`TrainState`) so a run resumes exactly, and tells its :mod:`hooks <iceaggr.hooks>`
+(MLflow, a progress bar, Ray Tune) what happened. ``train(cfg)`` builds one and fits it.
 
 Two guards come with it:
 
 * **input audit**: before the first step, the magnitudes of every model input
   feature are measured on the first batches; a feature larger than
   ``train.input_audit_threshold`` (100) was not normalized and is reported loudly.
-* **divergence guard**: the first non-finite loss, prediction or gradient ends
-  the run with a :class:`DivergenceReport` (step, first parameter whose gradient
-  went non-finite, largest pre-clip gradient norm so far, largest absolute model
-  input per feature). The checks stay on the device and are read every step on
-  CPU, every ``log_every`` steps on CUDA (the flags remember the *first* bad step,
-  so the report is exact; at most ``log_every - 1`` wasted steps follow it).
+* **divergence guard** (:class:`DivergenceGuard`): the first non-finite loss, prediction or
+  gradient ends the run with a :class:`DivergenceReport` (step, first parameter whose gradient
+  went non-finite, largest pre-clip gradient norm so far, largest absolute model input per
+  feature). The checks stay on the device and are read every step on CPU, every
+  ``log_every`` steps on CUDA (the flags remember the *first* bad step, so the report is
+  exact; at most ``log_every - 1`` wasted steps follow it).
 
-Nothing here imports Ray: a Ray Train worker passes ``rank``, ``world_size``,
-``device`` and a ``report`` callback (see ``iceaggr_tune``). Run standalone with
+Nothing here imports Ray: a Ray Train worker passes ``rank``, ``world_size``, ``device`` and
+its hooks (see ``iceaggr_tune.trial``). Run standalone with
 ``iceaggr train experiments/baseline_1m/config_fixed.yaml``.
 """
 
@@ -31,9 +32,9 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +45,17 @@ from torch import nn
 from iceaggr.batch import DomBatch
 from iceaggr.config import ExperimentConfig, to_dict
 from iceaggr.dataset import KaggleDataset, split_batch_ids
+from iceaggr.hooks import CallbackHook, Hook, ProgressHook, ReportFn
 from iceaggr.loader import EventLoader
-from iceaggr.losses import angular_distance, vmf_nll
+from iceaggr.losses import angular_distance, training_loss
 from iceaggr.model import IceAggrModel, param_groups
+from iceaggr.tracking import MlflowHook
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-ReportFn = Callable[[dict[str, float], int, "Path | None"], "bool | None"]
-"""``report(metrics, step, checkpoint_dir_or_None)``, called every ``log_every`` steps; a true
-return value asks the run to stop early (e.g. an early-stopping rule said so)."""
+DIVERGENCE_KINDS = {1: "non-finite loss", 2: "non-finite prediction", 3: "non-finite gradient"}
+"""What the guard found at the first bad step (the first that applies, in this order)."""
 
 
 @dataclass
@@ -92,7 +93,7 @@ class TrainResult:
     fixed_batch_loss_initial: float | None = None
     fixed_batch_loss_final: float | None = None
     stopped_early: bool = False
-    """The report callback asked the run to stop before ``max_steps``."""
+    """A hook (e.g. an early-stopping rule) asked the run to stop before ``max_steps``."""
     val_angle: float | None = None
     """Mean angular error (rad) on the validation files: the competition metric."""
     input_audit: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -100,6 +101,10 @@ class TrainResult:
     """Wall time spent inside training steps (excludes set-up, validation, checkpoints)."""
     events_per_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    max_param_grad_norm: float = 0.0
+    """Largest finite pre-clip gradient norm of a single parameter over the run."""
+    max_param_grad_name: str | None = None
+    """The parameter (``named_parameters`` name) that had it."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,13 +125,6 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def compute_loss(kind: str, direction: torch.Tensor, kappa: torch.Tensor, target: torch.Tensor):
-    """Mean training loss over the batch."""
-    if kind == "angular":
-        return angular_distance(direction, target).mean()
-    return vmf_nll(direction, kappa, target).mean()
 
 
 def _seed_everything(seed: int) -> None:
@@ -204,12 +202,562 @@ def evaluate(
     return float(total), n
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic write (a killed writer never leaves a half checkpoint behind)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass
+class StepOutput:
+    """What one optimizer step measured; every tensor stays on the device (no host sync)."""
+
+    loss: torch.Tensor
+    """() training loss of the batch."""
+    grad_norm: torch.Tensor
+    """() global gradient norm before clipping."""
+    param_grad_norms: torch.Tensor
+    """(n_params,) per-parameter gradient norms before clipping, in ``Trainer.param_names``
+    order (a parameter without a gradient counts as zero)."""
+    prediction: torch.Tensor
+    """(B, 3) predicted directions."""
+    input_absmax: dict[str, torch.Tensor]
+    """() largest absolute value of each model input feature in the batch."""
+    lr: float
+    """The learning rate the step used."""
+    events: int
+    """Events in the batch."""
+
+
+class DivergenceGuard:
+    """Device-side watch for the first non-finite loss, prediction or gradient.
+
+    :meth:`observe` updates flags on the device after every step (no host sync); they keep
+    the *first* bad step, its kind and its first bad parameter, so :meth:`report`, which reads
+    them (a sync), is exact however rarely it is called. The guard also keeps the largest
+    finite pre-clip global and per-parameter gradient norms and the largest absolute model
+    input per feature.
+    """
+
+    def __init__(
+        self,
+        param_names: list[str],
+        device: torch.device,
+        *,
+        max_grad_norm: float = 0.0,
+        max_param_grad_norm: float = 0.0,
+        max_param_grad_name: str | None = None,
+    ) -> None:
+        self.param_names = param_names
+        self.last_finite_loss: float | None = None
+        """The loss of the latest step :meth:`report` saw finite (host float)."""
+        self._last_loss: torch.Tensor | None = None
+        # -1 / 0: nothing bad yet; kinds are the keys of DIVERGENCE_KINDS.
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._first_bad_kind = torch.zeros((), dtype=torch.long, device=device)
+        self._first_bad_param = torch.full((), -1, dtype=torch.long, device=device)
+        self._max_norm = torch.full((), max_grad_norm, dtype=torch.float32, device=device)
+        self._max_param_norm = torch.full(
+            (), max_param_grad_norm, dtype=torch.float32, device=device
+        )
+        index = param_names.index(max_param_grad_name) if max_param_grad_name else -1
+        self._max_param_index = torch.full((), index, dtype=torch.long, device=device)
+        self._input_absmax: dict[str, torch.Tensor] = {}
+
+    def observe(self, out: StepOutput, step: int) -> None:
+        """Take in optimizer step ``step`` (1-based); device work only."""
+        self._last_loss = out.loss
+        for name, m in out.input_absmax.items():
+            seen = self._input_absmax.get(name)
+            self._input_absmax[name] = m if seen is None else torch.maximum(seen, m)
+        bad_loss = ~torch.isfinite(out.loss)
+        bad_pred = ~torch.isfinite(out.prediction).all()
+        bad_grad = ~torch.isfinite(out.grad_norm)
+        newly = (bad_loss | bad_pred | bad_grad) & (self._first_bad_step < 0)
+        at_step = torch.full_like(self._first_bad_step, step)
+        self._first_bad_step = torch.where(newly, at_step, self._first_bad_step)
+        kind = torch.where(bad_loss, 1, torch.where(bad_pred, 2, 3))
+        self._first_bad_kind = torch.where(newly, kind, self._first_bad_kind)
+        # First parameter with a non-finite gradient norm; when every per-parameter norm is
+        # finite but their total overflowed, the one with the largest norm (argmax: first max).
+        norms = out.param_grad_norms
+        bad_idx = torch.argmax(torch.nan_to_num(norms, nan=math.inf, posinf=math.inf))
+        self._first_bad_param = torch.where(newly & bad_grad, bad_idx, self._first_bad_param)
+        total = out.grad_norm
+        finite_total = torch.maximum(self._max_norm, total.float())
+        self._max_norm = torch.where(torch.isfinite(total), finite_total, self._max_norm)
+        finite = torch.where(torch.isfinite(norms), norms, -1.0)  # (n_params,)
+        larger = finite.amax() > self._max_param_norm
+        self._max_param_norm = torch.where(larger, finite.amax(), self._max_param_norm)
+        self._max_param_index = torch.where(larger, finite.argmax(), self._max_param_index)
+
+    def report(self) -> DivergenceReport | None:
+        """Reads the flags (a host sync): the divergence, or None while every step was finite
+        (then the latest observed loss becomes :attr:`last_finite_loss`)."""
+        bad_step = int(self._first_bad_step)
+        if bad_step < 0:
+            if self._last_loss is not None:
+                self.last_finite_loss = float(self._last_loss)
+            return None
+        pidx = int(self._first_bad_param)
+        return DivergenceReport(
+            step=bad_step,
+            reason=DIVERGENCE_KINDS[int(self._first_bad_kind)],
+            first_bad_parameter=self.param_names[pidx] if pidx >= 0 else None,
+            max_grad_norm=self.max_grad_norm,
+            max_abs_input={k: float(v) for k, v in self._input_absmax.items()},
+            last_finite_loss=self.last_finite_loss,
+        )
+
+    @property
+    def max_grad_norm(self) -> float:
+        """Largest finite pre-clip global gradient norm so far (a host sync)."""
+        return float(self._max_norm)
+
+    @property
+    def max_param_grad(self) -> tuple[float, str | None]:
+        """Largest finite pre-clip per-parameter gradient norm so far and its parameter."""
+        index = int(self._max_param_index)
+        return float(self._max_param_norm), self.param_names[index] if index >= 0 else None
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """Where a run stands; with the model, optimizer and schedule it is the checkpoint.
+
+    One file (``checkpoint.pt``) holds the model, optimizer and scheduler state dicts, the
+    fields below, the torch (and CUDA) RNG states and the run's config; :meth:`save` writes
+    it atomically, :meth:`restore` loads it back so a resumed run continues as the
+    uninterrupted one would (bit for bit on the CPU, see tests/test_train.py).
+    """
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """The next batch of ``epoch`` to train on."""
+    max_grad_norm: float = 0.0
+    max_param_grad_norm: float = 0.0
+    max_param_grad_name: str | None = None
+    first_loss: float | None = None
+    fixed_batch_loss_initial: float | None = None
+
+    def save(
+        self,
+        path: Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        config: dict[str, Any],
+        device: torch.device,
+    ) -> None:
+        """Atomic write (a killed writer never leaves a half checkpoint behind)."""
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "config": config,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def restore(
+        cls,
+        path: Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        device: torch.device,
+    ) -> TrainState:
+        """Load ``path`` (a checkpoint file or the folder holding one) into the model,
+        optimizer, scheduler and the RNGs; returns the progress fields."""
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        log.info("resumed from %s at step %d", path, state["step"])
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+class Trainer:
+    """One training run (or one rank of a data-parallel run) of ``cfg``.
+
+    ``__init__`` builds the loaders, the model, AdamW with its warm-up + cosine schedule and
+    the autocast, resumes from ``resume_from`` when given, audits the model inputs on the
+    first batches and (``track_fixed_batch``) measures the loss of the first validation batch.
+    :meth:`fit` then runs the loop::
+
+        batch -> train_step -> guard.observe -> [every log_every steps: metrics, validation,
+        checkpoint, hooks.on_report] -> ... -> hooks.on_end(result)
+
+    ``build_data=False`` builds no dataset or loaders (only :meth:`train_step` can run then,
+    e.g. to time it on batches made in memory).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+        hooks: Sequence[Hook] = (),
+        resume_from: str | Path | None = None,
+        checkpoint_dir: str | Path | None = None,
+        track_fixed_batch: bool = False,
+        build_data: bool = True,
+    ) -> None:
+        tc = cfg.train
+        self.cfg, self.rank, self.world_size, self.hooks = cfg, rank, world_size, list(hooks)
+        self.device = torch.device(device) if device is not None else resolve_device(tc.device)
+        self.distributed = (
+            world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        )
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(tc.out_dir)
+        _seed_everything(tc.seed)
+        self.loader, self.val_loader = self._build_loaders() if build_data else (None, None)
+        self.model = IceAggrModel(cfg.model).to(self.device)
+        self.train_model = self._wrap_data_parallel(self.model)
+        """What the step calls: the model, or its DistributedDataParallel wrapper."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.use_bf16 = tc.precision == "bf16" or (
+            tc.precision == "auto" and self.device.type == "cuda"
+        )
+        self.state = self._restore(resume_from) if resume_from is not None else TrainState()
+        self.start_step = self.state.step
+        self.result = TrainResult(
+            steps=0,
+            first_loss=self.state.first_loss,
+            max_grad_norm=self.state.max_grad_norm,
+            fixed_batch_loss_initial=self.state.fixed_batch_loss_initial,
+        )
+        self.guard = DivergenceGuard(
+            self.param_names,
+            self.device,
+            max_grad_norm=self.state.max_grad_norm,
+            max_param_grad_norm=self.state.max_param_grad_norm,
+            max_param_grad_name=self.state.max_param_grad_name,
+        )
+        self.fixed_batch: DomBatch | None = None
+        if build_data:
+            self._batches = self._audited_batches()
+        if track_fixed_batch:
+            self._track_fixed_batch()
+
+    # ------------------------------------------------------------------ building
+
+    def _build_loaders(self) -> tuple[EventLoader, EventLoader | None]:
+        """The training loader (this rank's share, shuffled) and the validation one (or None)."""
+        cfg, tc = self.cfg, self.cfg.train
+        dataset = KaggleDataset(cfg.data.path)
+        train_ids, val_ids = split_batch_ids(dataset.batch_ids, cfg.data.val_files)
+        common: dict[str, Any] = dict(
+            dataset=dataset,
+            truncation=cfg.data.truncation(),
+            rank=self.rank,
+            world_size=self.world_size,
+            prefetch=cfg.data.prefetch,
+            pin_memory=self.device.type == "cuda",
+        )
+        loader = EventLoader(
+            batch_ids=train_ids,
+            batch_size=tc.batch_size,
+            seed=tc.seed,
+            max_events=cfg.data.max_train_events,
+            **common,
+        )
+        if not val_ids:
+            return loader, None
+        val_loader = EventLoader(
+            batch_ids=val_ids,
+            batch_size=min(tc.batch_size, cfg.data.max_val_events),
+            shuffle=False,
+            drop_last=False,
+            max_events=cfg.data.max_val_events,
+            **common,
+        )
+        return loader, val_loader
+
+    def _wrap_data_parallel(self, model: IceAggrModel) -> nn.Module:
+        if not self.distributed:
+            return model
+        dev = self.device
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+
+    def _build_optimizer(
+        self,
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW (decay on matrices only) and its warm-up + cosine schedule."""
+        tc = self.cfg.train
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, tc.weight_decay),
+            lr=tc.lr,
+            betas=tc.betas,
+            fused=self.device.type == "cuda",
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio),
+        )
+        return optimizer, scheduler
+
+    def _restore(self, path: str | Path) -> TrainState:
+        return TrainState.restore(
+            Path(path),
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            device=self.device,
+        )
+
+    def _audited_batches(self) -> Iterator[tuple[int, int, DomBatch]]:
+        """The training stream from the resume point; its first batches are audited first
+        (and trained on afterwards, not consumed)."""
+        tc = self.cfg.train
+        assert self.loader is not None
+        stream = _cycle_epochs(self.loader, self.state.epoch, self.state.batch_in_epoch)
+        peek = [next(stream) for _ in range(min(tc.input_audit_batches, len(self.loader)))]
+        self.result.input_audit = audit_inputs(
+            self.model, [b.to(self.device) for _, _, b in peek], tc.input_audit_threshold
+        )
+        return itertools.chain(peek, stream)
+
+    def _track_fixed_batch(self) -> None:
+        if self.val_loader is None:
+            raise ValueError("track_fixed_batch needs validation files (data.val_files >= 1)")
+        self.fixed_batch = next(self.val_loader.iter_epoch(0)).to(self.device)
+        if self.result.fixed_batch_loss_initial is None:
+            self.result.fixed_batch_loss_initial = self.fixed_batch_loss()
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast when ``train.precision`` asks for it (``auto``: on CUDA)."""
+        if self.use_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, batch: DomBatch) -> StepOutput:
+        """One optimizer step on ``batch`` (already on the device); no host sync.
+
+        Forward (autocast), loss, backward, per-parameter and global gradient norms, clipping
+        with that global norm, AdamW step, schedule step.
+        """
+        with torch.no_grad():
+            features = self.model.input_features(batch)
+            absmax = {name: t.detach().abs().amax().float() for name, t in features.items()}
+        with self.autocast():
+            out = self.train_model(batch)
+        loss = training_loss(
+            self.cfg.train.loss, out.direction.float(), out.kappa.float(), batch.direction
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        per_param = torch.stack(torch._foreach_norm(grads))  # (n_params,)
+        total_norm = torch.linalg.vector_norm(per_param)
+        # Clip with the norm computed above; a non-finite norm leaves the step to the guard.
+        clip = torch.clamp(self.cfg.train.grad_clip / (total_norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, clip)
+        lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (host float)
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepOutput(
+            loss=loss.detach(),
+            grad_norm=total_norm.detach(),
+            param_grad_norms=per_param.detach(),
+            prediction=out.direction.detach(),
+            input_absmax=absmax,
+            lr=lr,
+            events=batch.num_events,
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        """Train to ``train.max_steps`` (or divergence, or a hook's stop); never raises on NaN."""
+        if self.loader is None:
+            raise RuntimeError(
+                "this Trainer was built with build_data=False: it has no data to fit"
+            )
+        for hook in self.hooks:
+            hook.on_start(self)
+        self.train_model.train()
+        self._window = _MetricWindow(self.device)
+        while self.state.step < self.cfg.train.max_steps:
+            t0 = time.perf_counter()
+            self.state.epoch, index, batch = next(self._batches)
+            self.state.batch_in_epoch = index + 1
+            out = self.train_step(batch.to(self.device, non_blocking=True))
+            self.state.step += 1
+            step = self.state.step
+            self.guard.observe(out, step)
+            self._window.add(out)
+            self.result.train_seconds += time.perf_counter() - t0
+            for hook in self.hooks:
+                hook.on_step(step)
+            if self._sync_due(step) and self._diverged(out, step):
+                break
+            if self._report_due(step) and self._report(out, step):
+                break
+            self.result.steps = step
+        return self._finish()
+
+    def _report_due(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
+
+    def _sync_due(self, step: int) -> bool:
+        """When the guard is read: every step on the CPU, at reports on other devices."""
+        every = 1 if self.device.type == "cpu" else self.cfg.train.log_every
+        return step % every == 0 or self._report_due(step) or step == self.start_step + 1
+
+    def _diverged(self, out: StepOutput, step: int) -> bool:
+        """Read the guard; on divergence record it, tell the hooks and return True."""
+        report = self.guard.report()
+        if report is None:
+            if self.result.first_loss is None:
+                self.result.first_loss = self.guard.last_finite_loss
+            return False
+        self.result.diverged = report
+        self.result.steps = report.step
+        log.warning("training %s", report.summary())
+        metrics = {"loss": float(out.loss), "grad_norm": float(out.grad_norm), "diverged": 1.0}
+        self.result.history.append({"step": float(step), **metrics})
+        for hook in self.hooks:
+            hook.on_diverged(report, metrics, step)
+        return True
+
+    def _report(self, out: StepOutput, step: int) -> bool:
+        """Metrics, validation and checkpoint of a report step; True when a hook says stop."""
+        tc, stats = self.cfg.train, self.loader.stats  # type: ignore[union-attr]
+        loss, grad_norm, events_per_s = self._window.take(self.world_size)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "max_grad_norm": self.guard.max_grad_norm,
+            "lr": out.lr,
+            "events_per_s": events_per_s,
+            "epoch": float(self.state.epoch),
+            "diverged": 0.0,
+            # Truncation is counted, never silent: events cut to the pulse/DOM caps so far.
+            "events_truncated": float(stats.events_truncated),
+            "pulses_dropped": float(stats.pulses_in - stats.pulses_kept),
+        }
+        if self.val_loader is not None and (
+            (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps
+        ):
+            metrics["val_angle"] = self.result.val_angle = self.evaluate()
+        self.result.history.append({"step": float(step), **metrics})
+        checkpoint = self._checkpoint(step)
+        stop = [hook.on_report(metrics, step, checkpoint) for hook in self.hooks]
+        if any(stop) and step < tc.max_steps:
+            self.result.steps = step
+            self.result.stopped_early = True
+            log.info("stopping early at step %d (asked by a hook)", step)
+            return True
+        return False
+
+    def _checkpoint(self, step: int) -> Path | None:
+        """Rank 0 writes the checkpoint when one is due; every rank returns its folder."""
+        every = self.cfg.train.checkpoint_every
+        if not (every > 0 and (step % every == 0 or step == self.cfg.train.max_steps)):
+            return None
+        if self.rank == 0:
+            self.state.max_grad_norm = self.guard.max_grad_norm
+            self.state.max_param_grad_norm, self.state.max_param_grad_name = (
+                self.guard.max_param_grad
+            )
+            self.state.first_loss = self.result.first_loss
+            self.state.fixed_batch_loss_initial = self.result.fixed_batch_loss_initial
+            self.state.save(
+                self.checkpoint_dir / CHECKPOINT_NAME,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                config=to_dict(self.cfg),
+                device=self.device,
+            )
+        return self.checkpoint_dir
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean angular error (rad) over the validation files, all ranks together."""
+        assert self.val_loader is not None
+        s, n = evaluate(self.train_model, self.val_loader, self.device, self.autocast)
+        if self.distributed:
+            t = torch.tensor([s, n], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            s, n = float(t[0]), int(t[1])
+        return s / max(1, n)
+
+    @torch.no_grad()
+    def fixed_batch_loss(self) -> float:
+        """Training loss of the fixed validation batch, in eval mode (no dropout)."""
+        assert self.fixed_batch is not None
+        model, batch = self.train_model, self.fixed_batch
+        was = model.training
+        model.eval()
+        with self.autocast():
+            out = model(batch)
+        loss = training_loss(
+            self.cfg.train.loss, out.direction.float(), out.kappa.float(), batch.direction
+        )
+        model.train(was)
+        return float(loss)
+
+    def _finish(self) -> TrainResult:
+        r, tc = self.result, self.cfg.train
+        r.max_grad_norm = self.guard.max_grad_norm
+        r.max_param_grad_norm, r.max_param_grad_name = self.guard.max_param_grad
+        r.last_loss = self.guard.last_finite_loss
+        n_steps = r.steps - self.start_step
+        r.events_per_s = n_steps * tc.batch_size * self.world_size / max(1e-9, r.train_seconds)
+        if self.fixed_batch is not None and r.diverged is None:
+            r.fixed_batch_loss_final = self.fixed_batch_loss()
+        for hook in self.hooks:
+            hook.on_end(r)
+        return r
+
+
+class _MetricWindow:
+    """Sums of the steps since the last report, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.events = 0
+        self.since = time.perf_counter()
+
+    def add(self, out: StepOutput) -> None:
+        self.loss += out.loss.double()
+        self.grad_norm += out.grad_norm.double()
+        self.steps += 1
+        self.events += out.events
+
+    def take(self, world_size: int) -> tuple[float, float, float]:
+        """(mean loss, mean pre-clip gradient norm, events/s of all ranks); then starts over."""
+        now = time.perf_counter()
+        means = float(self.loss) / self.steps, float(self.grad_norm) / self.steps
+        events_per_s = self.events * world_size / max(1e-9, now - self.since)
+        self.loss.zero_()
+        self.grad_norm.zero_()
+        self.steps, self.events, self.since = 0, 0, now
+        return means[0], means[1], events_per_s
 
 
 def train(
@@ -218,337 +766,38 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str | None = None,
+    hooks: Sequence[Hook] = (),
     report: ReportFn | None = None,
     resume_from: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
-    mlflow_run_id: str | None = None,
-    mlflow_tags: dict[str, str] | None = None,
     track_fixed_batch: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``cfg``; returns a :class:`TrainResult` (diverged runs return, never raise)."""
-    tc = cfg.train
-    dev = torch.device(device) if device is not None else resolve_device(tc.device)
-    distributed = (
-        world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    )
-    _seed_everything(tc.seed)
-    dataset = KaggleDataset(cfg.data.path)
-    train_ids, val_ids = split_batch_ids(dataset.batch_ids, cfg.data.val_files)
-    trunc = cfg.data.truncation()
-    loader = EventLoader(
-        dataset=dataset,
-        batch_ids=train_ids,
-        batch_size=tc.batch_size,
-        truncation=trunc,
-        seed=tc.seed,
+    """Train ``cfg``; returns a :class:`TrainResult` (diverged runs return, never raise).
+
+    ``report`` is a plain callback run as a hook after ``hooks``; rank 0 logs to MLflow (an
+    :class:`~iceaggr.tracking.MlflowHook`, first) when ``train.mlflow_tracking_uri`` is set
+    and ``hooks`` holds none, and shows a progress bar when ``progress``.
+    """
+    all_hooks = list(hooks)
+    if report is not None:
+        all_hooks.append(CallbackHook(report))
+    if rank == 0:
+        has_mlflow = any(isinstance(h, MlflowHook) for h in all_hooks)
+        if cfg.train.mlflow_tracking_uri and not has_mlflow:
+            all_hooks.insert(0, MlflowHook.for_config(cfg))
+        if progress:
+            all_hooks.append(ProgressHook())
+    return Trainer(
+        cfg,
         rank=rank,
         world_size=world_size,
-        prefetch=cfg.data.prefetch,
-        pin_memory=dev.type == "cuda",
-        max_events=cfg.data.max_train_events,
-    )
-    val_loader = None
-    if val_ids:
-        val_loader = EventLoader(
-            dataset=dataset,
-            batch_ids=val_ids,
-            batch_size=min(tc.batch_size, cfg.data.max_val_events),
-            truncation=trunc,
-            shuffle=False,
-            rank=rank,
-            world_size=world_size,
-            drop_last=False,
-            prefetch=cfg.data.prefetch,
-            pin_memory=dev.type == "cuda",
-            max_events=cfg.data.max_val_events,
-        )
-    model = IceAggrModel(cfg.model).to(dev)
-    core = model
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
-    optimizer = torch.optim.AdamW(
-        param_groups(core, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=dev.type == "cuda"
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio),
-    )
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and dev.type == "cuda")
-
-    def autocast():
-        if use_bf16:
-            return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-        return nullcontext()
-
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else Path(tc.out_dir)
-    result = TrainResult(steps=0)
-    start_step, epoch, batch_in_epoch = 0, 0, 0
-    if resume_from is not None:
-        ckpt_path = Path(resume_from)
-        if ckpt_path.is_dir():
-            ckpt_path = ckpt_path / CHECKPOINT_NAME
-        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        torch.set_rng_state(state["torch_rng"])
-        if dev.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], dev)
-        result.max_grad_norm = state.get("max_grad_norm", 0.0)
-        result.first_loss = state.get("first_loss")
-        result.fixed_batch_loss_initial = state.get("fixed_batch_loss_initial")
-        log.info("resumed from %s at step %d", ckpt_path, start_step)
-
-    mlog = None
-    if tc.mlflow_tracking_uri and rank == 0:
-        from iceaggr.tracking import TAG_RESUMED_FROM_STEP, RunLogger
-
-        mlog = RunLogger(
-            tc.mlflow_tracking_uri,
-            run_id=mlflow_run_id,
-            experiment=tc.mlflow_experiment,
-            run_name=cfg.name,
-            spool_dir=Path(tc.mlflow_spool_dir).expanduser() if tc.mlflow_spool_dir else ckpt_dir,
-            wait_s=tc.mlflow_wait_s,
-        )
-        tags = dict(mlflow_tags or {})
-        if start_step > 0:  # a resumed run says from where (its curve continues from there)
-            tags[TAG_RESUMED_FROM_STEP] = str(start_step)
-        if tags:
-            mlog.set_tags(tags)
-        mlog.log_params({**to_dict(cfg), "world_size": world_size})
-
-    stream = _cycle_epochs(loader, epoch, batch_in_epoch)
-    # Input audit on the first batches (they are trained on afterwards, not consumed).
-    peek = [next(stream) for _ in range(min(tc.input_audit_batches, len(loader)))]
-    result.input_audit = audit_inputs(
-        core, [b.to(dev) for _, _, b in peek], tc.input_audit_threshold
-    )
-    if mlog is not None:
-        mlog.log_params(
-            {f"input_audit.{k}.absmax": f"{v['absmax']:.4g}" for k, v in result.input_audit.items()}
-        )
-    stream = itertools.chain(peek, stream)
-
-    fixed_batch = None
-    if track_fixed_batch:
-        if val_loader is None:
-            raise ValueError("track_fixed_batch needs validation files (data.val_files >= 1)")
-        fixed_batch = next(val_loader.iter_epoch(0)).to(dev)
-        if result.fixed_batch_loss_initial is None:
-            result.fixed_batch_loss_initial = _fixed_loss(model, fixed_batch, tc.loss, autocast)
-
-    params = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
-    sync_every = 1 if dev.type == "cpu" else tc.log_every
-    # Device-side guard state: the first bad step and what was bad there (-1: none yet).
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=dev)
-    first_bad_kind = torch.zeros((), dtype=torch.long, device=dev)  # 1 loss, 2 pred, 3 grad
-    first_bad_param = torch.full((), -1, dtype=torch.long, device=dev)
-    max_norm_dev = torch.full((), result.max_grad_norm, dtype=torch.float32, device=dev)
-    input_absmax: dict[str, torch.Tensor] = {}
-    acc_loss = torch.zeros((), dtype=torch.float64, device=dev)
-    acc_norm = torch.zeros((), dtype=torch.float64, device=dev)
-    acc_n = 0
-    last_finite_loss: float | None = None
-    events_since, t_since = 0, time.perf_counter()
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.max_steps, initial=start_step, desc=cfg.name, unit="step", leave=False)
-
-    model.train()
-    step = start_step
-    t_train = 0.0
-    while step < tc.max_steps:
-        t0 = time.perf_counter()
-        epoch, batch_in_epoch, batch = next(stream)
-        batch = batch.to(dev, non_blocking=True)
-        with torch.no_grad():
-            for name, t in core.input_features(batch).items():
-                m = t.detach().abs().amax().float()
-                input_absmax[name] = (
-                    torch.maximum(input_absmax[name], m) if name in input_absmax else m
-                )
-        with autocast():
-            out = model(batch)
-        loss = compute_loss(tc.loss, out.direction.float(), out.kappa.float(), batch.direction)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
-        per_param = torch.stack(torch._foreach_norm(grads))  # (n_params,)
-        total_norm = torch.linalg.vector_norm(per_param)
-        bad_loss = ~torch.isfinite(loss)
-        bad_pred = ~torch.isfinite(out.direction).all()
-        bad_grad = ~torch.isfinite(total_norm)
-        bad = bad_loss | bad_pred | bad_grad
-        newly = bad & (first_bad_step < 0)
-        step += 1
-        first_bad_step = torch.where(newly, torch.full_like(first_bad_step, step), first_bad_step)
-        kind = torch.where(bad_loss, 1, torch.where(bad_pred, 2, 3))
-        first_bad_kind = torch.where(newly, kind, first_bad_kind)
-        # First parameter with a non-finite gradient norm; when every per-parameter norm is
-        # finite but their total overflowed, the one with the largest norm (argmax: first max).
-        bad_idx = torch.argmax(torch.nan_to_num(per_param, nan=math.inf, posinf=math.inf))
-        first_bad_param = torch.where(newly & bad_grad, bad_idx, first_bad_param)
-        # Clip with the norm computed above; a non-finite norm leaves the step to the guard.
-        clip = torch.clamp(tc.grad_clip / (total_norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, clip)
-        max_norm_dev = torch.where(
-            torch.isfinite(total_norm),
-            torch.maximum(max_norm_dev, total_norm.float()),
-            max_norm_dev,
-        )
-        step_lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (host float)
-        optimizer.step()
-        scheduler.step()
-        acc_loss += loss.detach().double()
-        acc_norm += total_norm.detach().double()
-        acc_n += 1
-        events_since += batch.num_events
-        t_train += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(1)
-
-        is_report = step % tc.log_every == 0 or step == tc.max_steps
-        if step % sync_every == 0 or is_report or step == start_step + 1:
-            if int(first_bad_step) >= 0:
-                bad_step = int(first_bad_step)
-                kind_name = {
-                    1: "non-finite loss",
-                    2: "non-finite prediction",
-                    3: "non-finite gradient",
-                }[int(first_bad_kind)]
-                pidx = int(first_bad_param)
-                result.diverged = DivergenceReport(
-                    step=bad_step,
-                    reason=kind_name,
-                    first_bad_parameter=params[pidx][0] if pidx >= 0 else None,
-                    max_grad_norm=float(max_norm_dev),
-                    max_abs_input={k: float(v) for k, v in input_absmax.items()},
-                    last_finite_loss=last_finite_loss,
-                )
-                result.steps = bad_step
-                log.warning("training %s", result.diverged.summary())
-                metrics = {
-                    "loss": float(loss.detach()),
-                    "grad_norm": float(total_norm),
-                    "diverged": 1.0,
-                }
-                result.history.append({"step": float(step), **metrics})
-                if mlog is not None:
-                    mlog.log_metrics(metrics, step)
-                    mlog.set_tags(
-                        {
-                            "diverged": "true",
-                            "diverged_at_step": bad_step,
-                            "divergence_reason": result.diverged.summary(),
-                        }
-                    )
-                if report is not None:
-                    report(metrics | {"diverged_at_step": float(bad_step)}, step, None)
-                break
-            cur = float(loss.detach())
-            if result.first_loss is None:
-                result.first_loss = cur
-            last_finite_loss = cur
-        if is_report:
-            now = time.perf_counter()
-            metrics = {
-                "loss": float(acc_loss) / acc_n,
-                "grad_norm": float(acc_norm) / acc_n,
-                "max_grad_norm": float(max_norm_dev),
-                "lr": step_lr,
-                "events_per_s": events_since * world_size / max(1e-9, now - t_since),
-                "epoch": float(epoch),
-                "diverged": 0.0,
-                # Truncation is counted, never silent: events cut to the pulse/DOM caps so far.
-                "events_truncated": float(loader.stats.events_truncated),
-                "pulses_dropped": float(loader.stats.pulses_in - loader.stats.pulses_kept),
-            }
-            acc_loss.zero_()
-            acc_norm.zero_()
-            acc_n, events_since, t_since = 0, 0, now
-            do_eval = val_loader is not None and (
-                (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps
-            )
-            if do_eval:
-                s, n = evaluate(model, val_loader, dev, autocast)  # type: ignore[arg-type]
-                if distributed:
-                    t = torch.tensor([s, n], dtype=torch.float64, device=dev)
-                    torch.distributed.all_reduce(t)
-                    s, n = float(t[0]), int(t[1])
-                metrics["val_angle"] = s / max(1, n)
-                result.val_angle = metrics["val_angle"]
-            result.history.append({"step": float(step), **metrics})
-            if mlog is not None:
-                mlog.log_metrics(metrics, step)
-            ckpt = None
-            do_ckpt = tc.checkpoint_every > 0 and (
-                step % tc.checkpoint_every == 0 or step == tc.max_steps
-            )
-            if do_ckpt:
-                ckpt = ckpt_dir
-                if rank == 0:
-                    save_checkpoint(
-                        ckpt_dir / CHECKPOINT_NAME,
-                        {
-                            "model": core.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "step": step,
-                            "epoch": epoch,
-                            "batch_in_epoch": batch_in_epoch + 1,
-                            "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state(dev)
-                            if dev.type == "cuda"
-                            else None,
-                            "max_grad_norm": float(max_norm_dev),
-                            "first_loss": result.first_loss,
-                            "fixed_batch_loss_initial": result.fixed_batch_loss_initial,
-                            "config": to_dict(cfg),
-                        },
-                    )
-            if report is not None and report(metrics, step, ckpt) and step < tc.max_steps:
-                result.steps = step  # the loop's own update below is skipped by the break
-                result.stopped_early = True
-                log.info("stopping early at step %d (asked by the report callback)", step)
-                break
-            if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3g}")
-        result.steps = step
-    if bar is not None:
-        bar.close()
-
-    result.max_grad_norm = float(max_norm_dev)
-    result.last_loss = last_finite_loss
-    result.train_seconds = t_train
-    n_steps = result.steps - start_step
-    result.events_per_s = n_steps * tc.batch_size * world_size / max(1e-9, t_train)
-    if fixed_batch is not None and result.diverged is None:
-        result.fixed_batch_loss_final = _fixed_loss(model, fixed_batch, tc.loss, autocast)
-    if mlog is not None:
-        if mlflow_run_id is None:  # a run this function made; otherwise its owner ends it
-            mlog.terminate("FAILED" if result.diverged else "FINISHED")
-        else:
-            mlog.flush(block=True)  # the owner ends the run; the records must be there first
-    return result
-
-
-@torch.no_grad()
-def _fixed_loss(model: nn.Module, batch: DomBatch, kind: str, autocast: Any) -> float:
-    was = model.training
-    model.eval()
-    with autocast():
-        out = model(batch)
-    loss = compute_loss(kind, out.direction.float(), out.kappa.float(), batch.direction)
-    model.train(was)
-    return float(loss)
+        device=device,
+        hooks=all_hooks,
+        resume_from=resume_from,
+        checkpoint_dir=checkpoint_dir,
+        track_fixed_batch=track_fixed_batch,
+    ).fit()
 
 
 def write_result(result: TrainResult, path: str | Path) -> None:

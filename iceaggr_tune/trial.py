@@ -32,9 +32,10 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from iceaggr.config import ExperimentConfig, from_dict, to_dict
+from iceaggr.hooks import Hook
 from iceaggr.probe import cell_from_result, probe_config
-from iceaggr.tracking import TAG_DIVERGED, RunLogger
-from iceaggr.train import CHECKPOINT_NAME, train
+from iceaggr.tracking import TAG_DIVERGED, MlflowHook, RunLogger
+from iceaggr.train import CHECKPOINT_NAME, DivergenceReport, train
 from iceaggr_tune import mlflow_runs
 from iceaggr_tune.early_stop import get_board
 from iceaggr_tune.options import ResourceOptions, TableOptions, TrackingOptions
@@ -87,54 +88,79 @@ def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentC
     return from_dict(ExperimentConfig, to_dict(cfg), "trial config")
 
 
+class TuneReportHook(Hook):
+    """Reports a worker's training to Ray Train (and so to Tune) and asks the sweep's
+    early-stopping board whether to stop.
+
+    A report goes out every ``report_every`` steps, with every checkpoint (rank 0 attaches
+    it), at the last step and at a divergence, which reports ``val_angle = pi``
+    (:data:`DIVERGED_PENALTY`) so that ASHA and Optuna read a number.
+    """
+
+    def __init__(
+        self, *, rank: int, max_steps: int, report_every: int, board: Any, trial_id: str | None
+    ) -> None:
+        self.rank, self.max_steps, self.report_every = rank, max_steps, report_every
+        self.board, self.trial_id = board, trial_id
+        self.reports = 0
+
+    def on_report(self, metrics: dict[str, float], step: int, checkpoint_dir: Path | None) -> bool:
+        final = step >= self.max_steps
+        if not (step % self.report_every == 0 or checkpoint_dir is not None or final):
+            return False
+        return self._send(metrics, step, checkpoint_dir)
+
+    def on_diverged(self, report: DivergenceReport, metrics: dict[str, float], step: int) -> None:
+        diverged = {"diverged_at_step": float(report.step), METRIC: DIVERGED_PENALTY}
+        self._send(metrics | diverged, step, None)
+
+    def _send(self, metrics: dict[str, float], step: int, checkpoint_dir: Path | None) -> bool:
+        checkpoint = None
+        if checkpoint_dir is not None and self.rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+        self.reports += 1
+        if self.board is None or METRIC not in metrics or step >= self.max_steps:
+            return False
+        # Every rank asks with the same key and gets the same answer, so all stop together.
+        stop = self.board.should_stop.remote(self.trial_id, self.reports, metrics[METRIC])
+        return bool(ray.get(stop))
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: the iceaggr trainer with Ray's rank, device and checkpoints."""
     cfg = from_dict(ExperimentConfig, config["experiment"], "trial config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    report_every = int(config["report_every"])
     work = Path(tempfile.mkdtemp(prefix=f"iceaggr-rank{rank}-"))
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         resume = Path(ckpt.to_directory(str(work / "restored"))) / CHECKPOINT_NAME
         log.info("rank %d resumes from %s", rank, ckpt.path)
-
-    board = get_board(config["board"]) if config.get("board") else None
-    reports = 0
-
-    def report(metrics: dict[str, float], step: int, ckpt_dir: Path | None) -> bool:
-        nonlocal reports
-        final = step >= cfg.train.max_steps
-        if not (
-            step % report_every == 0 or ckpt_dir is not None or final or metrics.get("diverged")
-        ):
-            return False
-        if metrics.get("diverged"):
-            metrics = {**metrics, METRIC: DIVERGED_PENALTY}  # ASHA and Optuna read a number
-        checkpoint = None
-        if ckpt_dir is not None and rank == 0:
-            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
-        reports += 1
-        if board is None or METRIC not in metrics or final:
-            return False
-        # Every rank asks with the same key and gets the same answer, so all stop together.
-        return bool(ray.get(board.should_stop.remote(config["trial_id"], reports, metrics[METRIC])))
-
+    hooks: list[Hook] = []
+    if rank == 0 and cfg.train.mlflow_tracking_uri:
+        # Which node trained this trial (drivers and workers may sit on different nodes).
+        node = {mlflow_runs.TAG_WORKER_NODE: ray.get_runtime_context().get_node_id()}
+        hooks.append(MlflowHook.for_config(cfg, run_id=config.get("mlflow_run_id"), tags=node))
+    hooks.append(
+        TuneReportHook(
+            rank=rank,
+            max_steps=cfg.train.max_steps,
+            report_every=int(config["report_every"]),
+            board=get_board(config["board"]) if config.get("board") else None,
+            trial_id=config.get("trial_id"),
+        )
+    )
     try:
         result = train(
             cfg,
             rank=rank,
             world_size=world,
-            device=device,
-            report=report,
+            device=ray.train.torch.get_device(),
+            hooks=hooks,
             resume_from=resume,
             checkpoint_dir=work / "ckpt",
-            mlflow_run_id=config.get("mlflow_run_id"),
-            # Which node trained this trial (drivers and workers may sit on different nodes).
-            mlflow_tags={mlflow_runs.TAG_WORKER_NODE: ray.get_runtime_context().get_node_id()},
             track_fixed_batch=bool(config.get("track_fixed_batch")),
             progress=False,
         )

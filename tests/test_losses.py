@@ -13,6 +13,7 @@ from iceaggr.losses import (
     angular_distance,
     angular_distance_loss,
     competition_metric,
+    training_loss,
     vector_to_angles,
     vmf_loss,
     vmf_nll,
@@ -152,3 +153,15 @@ def test_competition_metric_matches_numpy_reference() -> None:
     az, zen = vector_to_angles(v)
     score = competition_metric(az_t[:1].repeat(20_000), zen_t[:1].repeat(20_000), az, zen)
     assert score == pytest.approx(math.pi / 2, abs=0.02)
+
+
+def test_training_loss_chooses_by_kind() -> None:
+    direction, target = random_unit(5, 0), random_unit(5, 1)
+    kappa = torch.linspace(0.5, 50.0, 5, dtype=F64)
+    angular = training_loss("angular", direction, kappa, target)
+    assert torch.equal(angular, angular_distance(direction, target).mean())
+    assert torch.equal(
+        training_loss("vmf", direction, kappa, target), vmf_loss(direction, kappa, target)
+    )
+    with pytest.raises(ValueError, match=r"unknown loss 'mse'; use one of \['angular', 'vmf'\]"):
+        training_loss("mse", direction, kappa, target)  # type: ignore[arg-type]

@@ -1,8 +1,10 @@
 """Tests for the trainer (iceaggr.train) on a real synthetic dataset with the debug model.
 
-Covers: learning with normalized inputs, the divergence guard (an absurd learning rate and a
-raw feature that overflows float32), exact resume from a checkpoint, the input audit, the
-pre-clip gradient norm, the learning-rate schedule and MLflow records in a real sqlite store.
+Covers: learning with normalized inputs, the divergence guard (an absurd learning rate, a
+raw feature that overflows float32, a NaN gradient injected at step 3, hand-made steps),
+exact resume from a checkpoint (bit for bit through ``TrainState``), the input audit, the
+pre-clip global and per-parameter gradient norms, the learning-rate schedule, the order and
+arguments of hook calls, and MLflow records in a real sqlite store.
 """
 
 from __future__ import annotations
@@ -21,13 +23,27 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iceaggr.config import ExperimentConfig, debug_config
+from iceaggr.batch import DomBatch
+from iceaggr.config import ExperimentConfig, debug_config, to_dict
 from iceaggr.dataset import KaggleDataset, split_batch_ids
+from iceaggr.hooks import Hook
 from iceaggr.loader import EventLoader
 from iceaggr.losses import angular_distance
 from iceaggr.model import IceAggrModel
 from iceaggr.normalization import TIME_OFFSET_NS, TIME_SCALE_NS, XYZ_SCALE_M
-from iceaggr.train import CHECKPOINT_NAME, TrainResult, evaluate, lr_lambda, train
+from iceaggr.tracking import TAG_RESUMED_FROM_STEP, MlflowHook
+from iceaggr.train import (
+    CHECKPOINT_NAME,
+    DivergenceGuard,
+    DivergenceReport,
+    StepOutput,
+    Trainer,
+    TrainResult,
+    TrainState,
+    evaluate,
+    lr_lambda,
+    train,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -655,3 +671,332 @@ def test_bad_training_file_stops_the_run_with_a_clear_error(
     for part in expected:
         assert part in message, message
     assert not list((tmp_path / "out").glob("**/*.pt")), "no checkpoint of a failed run"
+
+
+# ---------------------------------------------------------------- Trainer, guard, state, hooks
+
+
+def step_output(
+    loss: float, norms: list[float], *, pred: float = 0.0, inputs: dict[str, float] | None = None
+) -> StepOutput:
+    """A hand-made step: per-parameter norms ``norms`` and their global norm."""
+    per_param = torch.tensor(norms, dtype=torch.float32)
+    return StepOutput(
+        loss=torch.tensor(loss),
+        grad_norm=torch.linalg.vector_norm(per_param),
+        param_grad_norms=per_param,
+        prediction=torch.full((2, 3), pred),
+        input_absmax={k: torch.tensor(v) for k, v in (inputs or {"x": 1.0}).items()},
+        lr=1e-3,
+        events=2,
+    )
+
+
+def test_divergence_guard_keeps_the_first_bad_step_however_late_it_is_read() -> None:
+    guard = DivergenceGuard(["a", "b", "c"], torch.device("cpu"))
+    guard.observe(step_output(1.5, [3.0, 4.0, 0.0], inputs={"x": 2.0, "y": -1.0}), 1)
+    assert guard.report() is None
+    assert guard.last_finite_loss == 1.5
+    guard.observe(step_output(1.25, [0.0, 12.0, 5.0], inputs={"x": 1.0, "y": 7.0}), 2)
+    # Step 3: "b" is NaN and "c" inf; step 4 breaks the loss as well. Read only after step 4.
+    guard.observe(step_output(1.0, [1.0, math.nan, math.inf], inputs={"x": 9.0, "y": 0.0}), 3)
+    guard.observe(step_output(math.nan, [math.nan] * 3, pred=math.nan), 4)
+    report = guard.report()
+    assert report == DivergenceReport(
+        step=3,
+        reason="non-finite gradient",
+        first_bad_parameter="b",
+        max_grad_norm=13.0,  # step 2: sqrt(12^2 + 5^2)
+        max_abs_input={"x": 9.0, "y": 7.0},
+        last_finite_loss=1.5,  # the last step read finite was 1
+    )
+    assert guard.max_param_grad == (12.0, "b")  # finite per-parameter norms only
+    assert report.summary() == (
+        "diverged at step 3: non-finite gradient (first in b); max pre-clip grad norm 13; "
+        "largest input x=9"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason", "first_bad"),
+    [
+        (step_output(math.inf, [1.0, 2.0]), "non-finite loss", None),
+        (step_output(1.0, [1.0, 2.0], pred=math.nan), "non-finite prediction", None),
+        # Every norm finite, their total overflows float32: the largest (first of equals) is named.
+        (step_output(1.0, [1e38, 3e38, 3e38]), "non-finite gradient", "b"),
+    ],
+)
+def test_divergence_guard_kinds(bad: StepOutput, reason: str, first_bad: str | None) -> None:
+    guard = DivergenceGuard(["a", "b", "c"], torch.device("cpu"), max_grad_norm=2.5)
+    guard.observe(step_output(0.5, [1.0, 2.0, 0.0][: bad.param_grad_norms.numel()]), 7)
+    guard.observe(bad, 8)
+    report = guard.report()
+    assert report is not None
+    assert (report.step, report.reason, report.first_bad_parameter) == (8, reason, first_bad)
+    assert report.max_grad_norm == 2.5  # the resumed maximum is larger than step 7's sqrt(5)
+
+
+class NanGradientAt(Hook):
+    """Makes the gradient of one parameter NaN in the backward pass of step ``step``."""
+
+    def __init__(self, parameter: str, step: int) -> None:
+        self.parameter, self.step, self.backwards = parameter, step, 0
+
+    def on_start(self, trainer: Trainer) -> None:
+        param = dict(trainer.model.named_parameters())[self.parameter]
+        param.register_hook(self.poison)
+
+    def poison(self, grad: torch.Tensor) -> torch.Tensor:
+        self.backwards += 1
+        return grad * math.nan if self.backwards == self.step else grad
+
+
+def test_nan_gradient_at_step_3_is_reported_exactly(small_dataset: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(small_dataset, tmp_path, max_steps=10, log_every=5, eval_every=0)
+    names = [n for n, p in IceAggrModel(cfg.model).named_parameters() if p.requires_grad]
+    poisoned = names[len(names) // 2]
+    result = Trainer(cfg, hooks=[NanGradientAt(poisoned, 3)]).fit()
+    report = result.diverged
+    assert report is not None
+    assert (report.step, report.reason, report.first_bad_parameter) == (
+        3,
+        "non-finite gradient",
+        poisoned,
+    )
+    assert result.steps == 3
+    # log_every=5, but the CPU reads the guard every step: nothing trained past step 3.
+    assert [h["step"] for h in result.history] == [3.0]
+    assert result.history[0]["diverged"] == 1.0 and math.isfinite(result.history[0]["loss"])
+    assert math.isnan(result.history[0]["grad_norm"])
+    # The clean steps before it are those of a run that stops at step 2 (same warm-up lr).
+    short = dataclasses.replace(cfg.train, max_steps=2, out_dir=str(tmp_path / "short"))
+    clean = train(dataclasses.replace(cfg, train=short), progress=False)
+    assert clean.diverged is None
+    assert report.max_grad_norm == result.max_grad_norm == clean.max_grad_norm
+    assert report.last_finite_loss == result.last_loss == clean.last_loss
+    assert result.first_loss == clean.first_loss
+
+
+def test_largest_parameter_gradient_norm_is_recorded(small_dataset: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(small_dataset, tmp_path, normalize=False, max_steps=4, log_every=1)
+    trainer = Trainer(cfg)
+    norms: list[torch.Tensor] = []
+    step = trainer.train_step
+
+    def recording_step(batch: DomBatch) -> StepOutput:
+        out = step(batch)
+        norms.append(out.param_grad_norms)
+        return out
+
+    trainer.train_step = recording_step  # type: ignore[method-assign]
+    result = trainer.fit()
+    stacked = torch.stack(norms)  # (steps, n_params)
+    best = int(stacked.max(0).values.argmax())
+    assert result.max_param_grad_norm == float(stacked.max())
+    assert result.max_param_grad_name == trainer.param_names[best]
+
+
+def state_tensors(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: parameters, optimizer moments and the RNG state."""
+    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    for i, s in ckpt["optimizer"]["state"].items():
+        out |= {f"optimizer.{i}.{k}": v for k, v in s.items()}
+    return out | {"torch_rng": ckpt["torch_rng"]}
+
+
+def test_train_state_round_trip_and_bit_exact_resume(small_dataset: Path, tmp_path: Path) -> None:
+    def cfg_for(out: Path) -> ExperimentConfig:
+        cfg = make_cfg(
+            small_dataset, out, max_steps=12, lr=2e-3, log_every=3, eval_every=6, checkpoint_every=6
+        )
+        cfg.model = dataclasses.replace(cfg.model, dropout=0.1)  # uses the restored RNG
+        cfg.data = dataclasses.replace(cfg.data, max_train_events=128)  # resume crosses epochs
+        return cfg
+
+    class StopAt6(Hook):
+        def on_report(self, metrics: dict[str, float], step: int, ckpt: Path | None) -> bool:
+            return step == 6
+
+    straight = Trainer(cfg_for(tmp_path / "straight")).fit()
+    half = Trainer(cfg_for(tmp_path / "half"), hooks=[StopAt6()]).fit()
+    assert half.stopped_early and half.steps == 6
+
+    # Round trip: what restore() loads is what save() wrote, and saving it again is identical.
+    resumed = Trainer(cfg_for(tmp_path / "resumed"), resume_from=tmp_path / "half")
+    assert resumed.state == TrainState(
+        step=6,
+        epoch=1,
+        batch_in_epoch=2,
+        max_grad_norm=half.max_grad_norm,
+        max_param_grad_norm=half.max_param_grad_norm,
+        max_param_grad_name=half.max_param_grad_name,
+        first_loss=half.first_loss,
+    )
+    resumed.state.save(
+        tmp_path / "again.pt",
+        model=resumed.model,
+        optimizer=resumed.optimizer,
+        scheduler=resumed.scheduler,
+        config=to_dict(resumed.cfg),
+        device=resumed.device,
+    )
+    first, again = (
+        load_checkpoint(tmp_path / "half"),
+        torch.load(tmp_path / "again.pt", weights_only=False),
+    )
+    assert first.keys() == again.keys()
+    assert first["scheduler"] == again["scheduler"]
+    assert first["config"] == to_dict(cfg_for(tmp_path / "half"))
+    assert again["config"] == to_dict(resumed.cfg)
+    for name, t in state_tensors(first).items():
+        assert torch.equal(t, state_tensors(again)[name]), name
+
+    # Resume: the second half is the straight run's, bit for bit.
+    result = resumed.fit()
+    assert result.steps == 12 and result.first_loss == straight.first_loss
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for name, t in state_tensors(a).items():
+        assert torch.equal(t, state_tensors(b)[name]), name
+    # Not compared: timing, and the loader's truncation counts (since the loader was made).
+    timing = ("events_per_s", "events_truncated", "pulses_dropped")
+    strip = [{k: v for k, v in h.items() if k not in timing} for h in straight.history[2:]]
+    assert [{k: v for k, v in h.items() if k not in timing} for h in result.history] == strip
+    for field_name in ("val_angle", "last_loss", "max_grad_norm", "max_param_grad_norm"):
+        assert getattr(result, field_name) == getattr(straight, field_name), field_name
+    assert result.max_param_grad_name == straight.max_param_grad_name
+
+
+class Recorder(Hook):
+    """Writes every call into a shared list, tagged with its own name."""
+
+    def __init__(self, name: str, calls: list[tuple[Any, ...]], stop_at: int | None = None):
+        self.name, self.calls, self.stop_at = name, calls, stop_at
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.calls.append((self.name, "start", trainer))
+
+    def on_step(self, step: int) -> None:
+        self.calls.append((self.name, "step", step))
+
+    def on_report(self, metrics: dict[str, float], step: int, ckpt: Path | None) -> bool:
+        self.calls.append((self.name, "report", step, sorted(metrics), ckpt))
+        return step == self.stop_at
+
+    def on_diverged(self, report: DivergenceReport, metrics: dict[str, float], step: int) -> None:
+        self.calls.append((self.name, "diverged", report, metrics, step))
+
+    def on_end(self, result: TrainResult) -> None:
+        self.calls.append((self.name, "end", result))
+
+
+REPORT_KEYS = sorted(
+    {"loss", "grad_norm", "max_grad_norm", "lr", "events_per_s", "epoch", "diverged"}
+    | {"events_truncated", "pulses_dropped"}
+)
+"""The metrics of a report step without validation."""
+
+
+def test_hooks_are_called_in_order_with_their_arguments(
+    small_dataset: Path, tmp_path: Path
+) -> None:
+    cfg = make_cfg(small_dataset, tmp_path, max_steps=9, log_every=3, checkpoint_every=6)
+    calls: list[tuple[Any, ...]] = []
+    # "a" asks to stop at step 6; "b" is still told about step 6, then the run ends.
+    trainer = Trainer(cfg, hooks=[Recorder("a", calls, stop_at=6), Recorder("b", calls)])
+    result = trainer.fit()
+    assert result.stopped_early and result.steps == 6
+    expected: list[tuple[Any, ...]] = [("a", "start", trainer), ("b", "start", trainer)]
+    for step in range(1, 7):
+        expected += [("a", "step", step), ("b", "step", step)]
+        if step % 3 == 0:
+            ckpt = tmp_path if step == 6 else None  # checkpoint_every=6
+            expected += [("a", "report", step, REPORT_KEYS, ckpt)]
+            expected += [("b", "report", step, REPORT_KEYS, ckpt)]
+    expected += [("a", "end", result), ("b", "end", result)]
+    assert calls == expected
+
+
+def test_hooks_hear_of_a_divergence_once(small_dataset: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(small_dataset, tmp_path, max_steps=6, log_every=2, eval_every=0)
+    calls: list[tuple[Any, ...]] = []
+    legacy: list[tuple[dict[str, float], int, Path | None]] = []
+    result = train(
+        cfg,
+        hooks=[Recorder("a", calls), NanGradientAt("head.3.bias", 3)],
+        report=lambda metrics, step, ckpt: legacy.append((metrics, step, ckpt)),
+        progress=False,
+    )
+    report = result.diverged
+    assert report is not None and report.step == 3
+    assert report.first_bad_parameter == "head.3.bias"
+    names = [c[1] for c in calls]
+    assert names == ["start", "step", "step", "report", "step", "diverged", "end"]
+    _, _, got_report, metrics, step = calls[5]
+    assert got_report is report and step == 3
+    assert sorted(metrics) == ["diverged", "grad_norm", "loss"]
+    assert metrics["loss"] == result.history[-1]["loss"] and metrics["diverged"] == 1.0
+    assert math.isnan(metrics["grad_norm"])  # the poisoned gradient
+    # A plain callback is a hook too: it gets the reports and the divergence (with its step).
+    assert [(s, c) for _, s, c in legacy] == [(2, None), (3, None)]
+    assert legacy[1][0]["diverged_at_step"] == 3.0 and legacy[1][0]["diverged"] == 1.0
+
+
+def test_mlflow_hook_logs_into_a_run_it_was_given(
+    small_dataset: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    """The trial's way: the run exists, the hook fills it and leaves ending it to its owner."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.create_experiment("test-hook")
+    run_id = client.create_run(exp, run_name="owned").info.run_id
+    cfg = make_cfg(
+        small_dataset,
+        tmp_path / "out",
+        max_steps=4,
+        log_every=2,
+        eval_every=0,
+        checkpoint_every=2,
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_experiment="test-hook",
+    )
+    hook = MlflowHook.for_config(cfg, run_id=run_id, tags={"node": "n1"})
+    first = train(cfg, hooks=[hook], progress=False)  # train() adds no second MLflow hook
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"  # the owner ends it
+    assert len(client.search_runs([exp])) == 1
+    assert run.data.tags["node"] == "n1" and TAG_RESUMED_FROM_STEP not in run.data.tags
+    assert run.data.params["world_size"] == "1"
+    assert float(run.data.params["input_audit.pulse_time.absmax"]) == pytest.approx(
+        first.input_audit["pulse_time"]["absmax"], rel=1e-3
+    )
+    loss = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in loss] == [
+        (2, first.history[0]["loss"]),
+        (4, first.history[1]["loss"]),
+    ]
+
+    # A resumed run on the same MLflow run says where it resumed and continues the curve.
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=6))
+    again = MlflowHook.for_config(longer, run_id=run_id)
+    train(longer, hooks=[again], resume_from=tmp_path / "out", progress=False)
+    run = client.get_run(run_id)
+    assert run.data.tags[TAG_RESUMED_FROM_STEP] == "4"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4, 6]
+    assert not list((tmp_path / "out").glob("mlflow-spool-*")), "everything was sent"
+
+
+def test_a_trainer_without_data_only_steps(small_dataset: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "nowhere", tmp_path)
+    trainer = Trainer(cfg, build_data=False)
+    batch = next(train_loader(make_cfg(small_dataset, tmp_path)).iter_epoch(0))
+    out = trainer.train_step(batch)
+    assert out.events == batch.num_events and out.lr == pytest.approx(cfg.train.lr / 2)
+    assert out.param_grad_norms.shape == (len(trainer.param_names),)
+    with pytest.raises(RuntimeError, match="built with build_data=False"):
+        trainer.fit()
+
+
+def test_mlflow_hook_needs_a_tracking_uri(small_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^train\.mlflow_tracking_uri is not set"):
+        MlflowHook.for_config(make_cfg(small_dataset, tmp_path))
