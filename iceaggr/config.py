@@ -141,6 +141,14 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.arch == "original" and self.train.loss == "vmf":
+            raise ValueError(
+                "train.loss 'vmf' needs a predicted concentration kappa, and model.arch "
+                "'original' has no kappa head (the original network predicts a direction only); "
+                "use train.loss: angular with it, or model.arch: iceaggr"
+            )
+
 
 def debug_config(data_path: str = "data/synthetic") -> ExperimentConfig:
     """Tiny model and short run shared by the tests."""

@@ -46,7 +46,7 @@ from iceaggr.config import ExperimentConfig, to_dict
 from iceaggr.dataset import KaggleDataset, split_batch_ids
 from iceaggr.loader import EventLoader
 from iceaggr.losses import angular_distance, vmf_nll
-from iceaggr.model import IceAggrModel, param_groups
+from iceaggr.model import IceAggrModel, build_model, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def train(
             pin_memory=dev.type == "cuda",
             max_events=cfg.data.max_val_events,
         )
-    model = IceAggrModel(cfg.model).to(dev)
+    model = build_model(cfg.model).to(dev)
     core = model
     if distributed:
         model = nn.parallel.DistributedDataParallel(
