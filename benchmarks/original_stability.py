@@ -132,7 +132,7 @@ def run_cell(
         ):
             explodes = step
             break
-        losses.append(float(loss))
+        losses.append(loss.item())
         max_global = max(max_global, total)
         i = int(np.argmax(norms))
         if norms[i] > max_param:

@@ -4,7 +4,7 @@ Measures, for every device (CPU always, CUDA when available) and precision (fp32
 
 - training events/s of one optimizer step (forward + backward + AdamW step, angular-distance
   loss, gradient clipping at the config's ``grad_clip``) of the model in
-  ``experiments/baseline_1m/config_fixed.yaml`` (d_model 128, 4 DOM + 4 event layers), with
+  ``experiments/iceaggr_baseline/config.yaml`` (d_model 128, 4 DOM + 4 event layers), with
   ``attention="packed"`` and, in the same run, with ``attention="padded"`` (the naive reference,
   same parameters: every DOM padded to the longest DOM of the batch, every event to the
   largest event, a dense key-padding mask). The speed-up is the ratio of the two rates at the
@@ -80,7 +80,7 @@ from iceaggr.model import IceAggrModel, ModelConfig, param_groups
 from iceaggr.normalization import NUM_SUMMARY_FEATURES
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "experiments" / "baseline_1m" / "config_fixed.yaml"
+DEFAULT_CONFIG = ROOT / "experiments" / "iceaggr_baseline" / "config.yaml"
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "throughput.json"
 PRECISIONS = ("fp32", "bf16")
 
@@ -922,6 +922,11 @@ class Benchmark:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.cfg = load_config(args.config)
+        if self.cfg.model.arch != "iceaggr":
+            raise SystemExit(
+                f"{args.config}: model.arch is {self.cfg.model.arch!r}; this benchmark times and "
+                "counts the FLOPs of IceAggrModel (model.arch: iceaggr) only"
+            )
         self.trunc = self.cfg.data.truncation()
         self.batch_size: int = args.batch_size or (16 if args.quick else self.cfg.train.batch_size)
         self.packed_cfg = dataclasses.replace(self.cfg.model, attention="packed")

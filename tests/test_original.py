@@ -390,3 +390,8 @@ def test_raw_inputs_spike_first_layer_gradients_at_lr_1e3(dataset: Path) -> None
     assert raw_norm >= SPIKE_NORM, report
     assert raw_norm >= 100 * norm_norm, report
     assert not norm_name.startswith(FIRST_LAYER), report
+    # This project's pre-LN model, fed the same raw batches for as many steps, stays calm.
+    ours_norm, ours_name, _ = largest_param_grad(
+        dataclasses.replace(cfg, arch="iceaggr", normalize=False), batches[:steps]
+    )
+    assert ours_norm < 100, f"{report}; IceAggrModel raw {ours_norm:.3g} on {ours_name}"
