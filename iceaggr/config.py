@@ -7,7 +7,9 @@ typo fails before a GPU is booked::
     cfg = load_config("experiments/baseline_1m/config_fixed.yaml", ["train.lr=1e-3"])
 
 Presets are plain functions: :func:`debug_config` (tiny, for tests) and
-:func:`baseline_config` (the original experiment).
+:func:`baseline_config` (this project's model at the size and optimizer of the original
+experiment; the original network itself is ``experiments/baseline_1m/*.yaml``, ``model.arch:
+original``).
 """
 
 from __future__ import annotations
@@ -142,6 +144,14 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.arch == "original" and self.train.loss == "vmf":
+            raise ValueError(
+                "train.loss 'vmf' needs a predicted concentration kappa, and model.arch "
+                "'original' has no kappa head (the original network predicts a direction only); "
+                "use train.loss: angular with it, or model.arch: iceaggr"
+            )
+
 
 def debug_config(data_path: str = "data/synthetic") -> ExperimentConfig:
     """Tiny model and short run shared by the tests."""
@@ -162,7 +172,8 @@ def debug_config(data_path: str = "data/synthetic") -> ExperimentConfig:
 
 
 def baseline_config(data_path: str = "data/synthetic") -> ExperimentConfig:
-    """The original baseline: d_model 128, 4+4 layers, batch 256, AdamW 3e-4, clip 1.0."""
+    """IceAggrModel at the original baseline's size and optimizer: d_model 128, 4+4 layers,
+    batch 256, AdamW 3e-4, clip 1.0 (``experiments/iceaggr_baseline/config.yaml``, dropout 0)."""
     return ExperimentConfig(
         name="baseline_1m", data=DataConfig(path=data_path), model=baseline_model_config()
     )

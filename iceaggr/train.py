@@ -48,7 +48,7 @@ from iceaggr.dataset import KaggleDataset, split_batch_ids
 from iceaggr.hooks import CallbackHook, Hook, ProgressHook, ReportFn
 from iceaggr.loader import EventLoader
 from iceaggr.losses import angular_distance, training_loss
-from iceaggr.model import IceAggrModel, param_groups
+from iceaggr.model import build_model, param_groups
 from iceaggr.tracking import MlflowHook
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def audit_inputs(
-    model: IceAggrModel, batches: list[DomBatch], threshold: float
+    model: nn.Module, batches: list[DomBatch], threshold: float
 ) -> dict[str, dict[str, float]]:
     """Per-feature min/max/mean/absmax of what enters the network; warns above ``threshold``."""
     stats: dict[str, dict[str, float]] = {}
@@ -425,7 +425,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(tc.out_dir)
         _seed_everything(tc.seed)
         self.loader, self.val_loader = self._build_loaders() if build_data else (None, None)
-        self.model = IceAggrModel(cfg.model).to(self.device)
+        self.model = build_model(cfg.model).to(self.device)
         self.train_model = self._wrap_data_parallel(self.model)
         """What the step calls: the model, or its DistributedDataParallel wrapper."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -490,7 +490,7 @@ class Trainer:
         )
         return loader, val_loader
 
-    def _wrap_data_parallel(self, model: IceAggrModel) -> nn.Module:
+    def _wrap_data_parallel(self, model: nn.Module) -> nn.Module:
         if not self.distributed:
             return model
         dev = self.device

@@ -27,6 +27,7 @@ from iceaggr.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_DIR = REPO / "experiments" / "baseline_1m"
+ICEAGGR_DIR = REPO / "experiments" / "iceaggr_baseline"
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
@@ -290,6 +291,7 @@ def test_config_error_is_a_value_error() -> None:
 def test_baseline_experiment_yaml(name: str, dropout: float, normalize: bool) -> None:
     cfg = load_config(BASELINE_DIR / name)
     m, t, d = cfg.model, cfg.train, cfg.data
+    assert m.arch == "original"  # the network the stability table was measured on
     assert (m.d_model, m.dom_heads, m.event_heads) == (128, 4, 4)
     assert (m.dom_layers, m.event_layers) == (4, 4)
     assert m.dropout == dropout
@@ -311,6 +313,23 @@ def test_baseline_experiment_yaml(name: str, dropout: float, normalize: bool) ->
     assert other.data == d
 
 
-def test_baseline_preset_matches_the_fixed_yaml_architecture() -> None:
+def test_iceaggr_baseline_yamls_are_our_model_at_the_baseline_size() -> None:
+    cfg = load_config(ICEAGGR_DIR / "config.yaml")
+    raw = load_config(ICEAGGR_DIR / "config_raw.yaml")
+    assert cfg.model.arch == "iceaggr" and cfg.model.normalize is True
+    assert cfg.model.dropout == 0.1
+    # config_raw.yaml differs in normalization only (and its name and output folder).
+    assert dataclasses.replace(raw.model, normalize=True) == cfg.model
+    assert raw.model.normalize is False
+    assert dataclasses.replace(raw.train, out_dir=cfg.train.out_dir) == cfg.train
+    assert raw.data == cfg.data
+    # Same sizes, data and optimizer as the original network's fixed run.
     fixed = load_config(BASELINE_DIR / "config_fixed.yaml")
-    assert dataclasses.replace(fixed.model, dropout=0.0) == baseline_config().model
+    assert dataclasses.replace(fixed.model, arch="iceaggr") == cfg.model
+    assert dataclasses.replace(fixed.train, out_dir=cfg.train.out_dir) == cfg.train
+    assert fixed.data == cfg.data
+
+
+def test_baseline_preset_matches_the_iceaggr_baseline_yaml_architecture() -> None:
+    ours = load_config(ICEAGGR_DIR / "config.yaml")
+    assert dataclasses.replace(ours.model, dropout=0.0) == baseline_config().model
