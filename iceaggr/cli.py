@@ -53,24 +53,33 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from iceaggr import probe
     from iceaggr.config import load_config
-    from iceaggr.probe import PROBE_LRS, format_table, run_probe, write_table
 
     overrides = [*args.set, f"data.path={args.data}"]
     cfg = load_config(args.config, overrides)
-    lrs = tuple(args.lrs) if args.lrs else PROBE_LRS
-    cells = run_probe(cfg, lrs=lrs, steps=args.steps, batch_size=args.batch_size)
-    md, js = write_table(
-        cells,
-        args.out,
-        meta={
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "data": args.data,
-            "grad_norm_warn": cfg.train.grad_norm_warn,
-        },
+    lrs = tuple(args.lrs) if args.lrs else probe.PROBE_LRS
+    columns = tuple(c for c in probe.COLUMNS if args.models is None or c.arch in args.models)
+    eval_events = args.eval_events or probe.PROBE_EVAL_EVENTS
+    cells = probe.run_probe(
+        cfg,
+        lrs=lrs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seeds=args.seeds,
+        columns=columns,
+        eval_events=eval_events,
     )
-    print(format_table(cells))
+    meta = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+        "eval_events": eval_events,
+        "data": args.data,
+        "grad_norm_warn": cfg.train.grad_norm_warn,
+    }
+    md, js = probe.write_table(cells, args.out, meta=meta)
+    print(probe.format_table(cells, cfg.train.grad_norm_warn))
     print(f"\nwritten: {md} and {js}")
     return 0
 
@@ -170,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rates (default: 1e-5 3e-5 1e-4 3e-4 1e-3)",
     )
+    pr.add_argument(
+        "--seeds", type=int, default=1, help="seeds per cell (fresh weights, own batch order)"
+    )
+    pr.add_argument(
+        "--eval-events", type=int, default=None,
+        help="held-out events the loss change is measured on (default: 1024)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--models", nargs="+", choices=("original", "iceaggr"), default=None,
+        help="networks to probe (default: both; the table's columns)",
+    )  # fmt: skip
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pr.add_argument("--out", default="runs/probe", help="folder for the Markdown and JSON table")
     pr.set_defaults(fn=_probe)

@@ -47,7 +47,7 @@ from iceaggr.config import ExperimentConfig, to_dict
 from iceaggr.dataset import KaggleDataset, split_batch_ids
 from iceaggr.hooks import CallbackHook, Hook, ProgressHook, ReportFn
 from iceaggr.loader import EventLoader
-from iceaggr.losses import angular_distance, training_loss
+from iceaggr.losses import angular_distance, training_loss, vmf_nll
 from iceaggr.model import build_model, param_groups
 from iceaggr.tracking import MlflowHook
 
@@ -91,7 +91,15 @@ class TrainResult:
     last_loss: float | None = None
     max_grad_norm: float = 0.0
     fixed_batch_loss_initial: float | None = None
+    """Mean training loss of the fixed held-out set (``track_fixed_batch``: every event of the
+    validation loader, at most ``data.max_val_events``) before the first step."""
     fixed_batch_loss_final: float | None = None
+    """The same after the last step (None when the run diverged)."""
+    fixed_batch_events: int = 0
+    """Events in the fixed held-out set."""
+    fixed_batch_change_stderr: float | None = None
+    """Standard error of the final-minus-initial loss change over those events (paired: the
+    spread of the per-event changes / sqrt(events)); None after a resume or a divergence."""
     stopped_early: bool = False
     """A hook (e.g. an early-stopping rule) asked the run to stop before ``max_steps``."""
     val_angle: float | None = None
@@ -391,7 +399,7 @@ class Trainer:
 
     ``__init__`` builds the loaders, the model, AdamW with its warm-up + cosine schedule and
     the autocast, resumes from ``resume_from`` when given, audits the model inputs on the
-    first batches and (``track_fixed_batch``) measures the loss of the first validation batch.
+    first batches and (``track_fixed_batch``) measures the loss of a fixed held-out set.
     :meth:`fit` then runs the loop::
 
         batch -> train_step -> guard.observe -> [every log_every steps: metrics, validation,
@@ -450,7 +458,8 @@ class Trainer:
             max_param_grad_norm=self.state.max_param_grad_norm,
             max_param_grad_name=self.state.max_param_grad_name,
         )
-        self.fixed_batch: DomBatch | None = None
+        self.fixed_batches: list[DomBatch] = []
+        self._fixed_initial: torch.Tensor | None = None  # (N,) per-event losses before step 1
         if build_data:
             self._batches = self._audited_batches()
         if track_fixed_batch:
@@ -539,9 +548,11 @@ class Trainer:
     def _track_fixed_batch(self) -> None:
         if self.val_loader is None:
             raise ValueError("track_fixed_batch needs validation files (data.val_files >= 1)")
-        self.fixed_batch = next(self.val_loader.iter_epoch(0)).to(self.device)
+        self.fixed_batches = [b.to(self.device) for b in self.val_loader.iter_epoch(0)]
+        self.result.fixed_batch_events = sum(b.num_events for b in self.fixed_batches)
         if self.result.fixed_batch_loss_initial is None:
-            self.result.fixed_batch_loss_initial = self.fixed_batch_loss()
+            self._fixed_initial = self.fixed_set_losses()
+            self.result.fixed_batch_loss_initial = float(self._fixed_initial.mean())
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bf16 autocast when ``train.precision`` asks for it (``auto``: on CUDA)."""
@@ -705,19 +716,29 @@ class Trainer:
         return s / max(1, n)
 
     @torch.no_grad()
-    def fixed_batch_loss(self) -> float:
-        """Training loss of the fixed validation batch, in eval mode (no dropout)."""
-        assert self.fixed_batch is not None
-        model, batch = self.train_model, self.fixed_batch
+    def fixed_set_losses(self) -> torch.Tensor:
+        """(N,) float64 per-event training loss of the fixed held-out set, in eval mode (no
+        dropout); a non-finite prediction gives a non-finite loss, never an error."""
+        assert self.fixed_batches, "track_fixed_batch=True builds the fixed held-out set"
+        model, kind = self.train_model, self.cfg.train.loss
         was = model.training
         model.eval()
-        with self.autocast():
-            out = model(batch)
-        loss = training_loss(
-            self.cfg.train.loss, out.direction.float(), out.kappa.float(), batch.direction
-        )
+        parts = []
+        for batch in self.fixed_batches:
+            with self.autocast():
+                out = model(batch)
+            direction = out.direction.float()  # (B, 3)
+            if kind == "angular":
+                per_event = angular_distance(direction, batch.direction)  # (B,) rad
+            else:
+                per_event = vmf_nll(direction, out.kappa.float(), batch.direction)  # (B,)
+            parts.append(per_event.double().cpu())
         model.train(was)
-        return float(loss)
+        return torch.cat(parts)  # (N,)
+
+    def fixed_batch_loss(self) -> float:
+        """Mean training loss of the fixed held-out set (see :meth:`fixed_set_losses`)."""
+        return float(self.fixed_set_losses().mean())
 
     def _finish(self) -> TrainResult:
         r, tc = self.result, self.cfg.train
@@ -726,8 +747,12 @@ class Trainer:
         r.last_loss = self.guard.last_finite_loss
         n_steps = r.steps - self.start_step
         r.events_per_s = n_steps * tc.batch_size * self.world_size / max(1e-9, r.train_seconds)
-        if self.fixed_batch is not None and r.diverged is None:
-            r.fixed_batch_loss_final = self.fixed_batch_loss()
+        if self.fixed_batches and r.diverged is None:
+            final = self.fixed_set_losses()
+            r.fixed_batch_loss_final = float(final.mean())
+            if self._fixed_initial is not None and final.numel() > 1:
+                change = final - self._fixed_initial  # (N,) paired per-event changes
+                r.fixed_batch_change_stderr = float(change.std() / math.sqrt(change.numel()))
         for hook in self.hooks:
             hook.on_end(r)
         return r

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from iceaggr.probe import PROBE_BATCH_SIZE, PROBE_LRS, PROBE_STEPS
+from iceaggr.probe import PROBE_BATCH_SIZE, PROBE_EVAL_EVENTS, PROBE_LRS, PROBE_STEPS
 from iceaggr.tracking import DEFAULT_WAIT_S
 from iceaggr_tune.cli_options import CLI, ENV, FLAG, METAVAR, OptionError, with_changes
 
@@ -109,7 +109,7 @@ class TrackingOptions:
 
 @dataclass(kw_only=True)
 class TableOptions:
-    """Stability table: one trial per learning rate and normalization off/on."""
+    """Stability table: one trial per learning rate, network, normalization off/on and seed."""
 
     lrs: tuple[float, ...] = field(default=PROBE_LRS, metadata={FLAG: "table-lrs"})
     """Learning rates of the table's rows."""
@@ -117,11 +117,31 @@ class TableOptions:
     """Training steps per table cell (original: 20)."""
     batch_size: int = field(default=PROBE_BATCH_SIZE, metadata={FLAG: "table-batch-size"})
     """Events per batch of a table cell (original: 256)."""
+    models: tuple[str, ...] = field(
+        default=("original", "iceaggr"), metadata={FLAG: "table-models"}
+    )
+    """Networks of the table's columns: the original project's (before/after normalization)
+    and this project's (raw inputs shown; normalized in the JSON)."""
+    seeds: int | None = field(default=None, metadata={FLAG: "table-seeds"})
+    """Seeds per cell (fresh weights, own batch order; the cell shows the worst); default: 1
+    when trials train on CPUs, 3 on GPUs."""
+    eval_events: int = field(default=PROBE_EVAL_EVENTS, metadata={FLAG: "table-eval-events"})
+    """Held-out events each cell's loss change is measured on (before and after)."""
 
     def __post_init__(self) -> None:
         if not self.lrs or min(self.lrs) <= 0:
             raise OptionError("lrs", f"need one or more learning rates > 0, got {self.lrs}")
-        _require(self, 1, "steps", "batch_size")
+        _require(self, 1, "steps", "batch_size", "eval_events")
+        if self.seeds is not None:
+            _require(self, 1, "seeds")
+        unknown = sorted(set(self.models) - {"original", "iceaggr"})
+        if unknown or not self.models:
+            raise OptionError("models", f"choose from original, iceaggr; got {self.models}")
+
+    def seeds_for(self, use_gpu: bool) -> int:
+        """The seeds per cell: as given, else 3 when trials train on GPUs and 1 on CPUs (the
+        CPU main job's time budget)."""
+        return self.seeds if self.seeds is not None else (3 if use_gpu else 1)
 
 
 @dataclass(kw_only=True)
@@ -231,7 +251,10 @@ class SweepOptions:
         return cls(
             smoke_test=True,
             data=DataOptions(path="data/synthetic-smoke", events=1_500, events_per_file=500),
-            table=TableOptions(lrs=(1e-4, 1e-3), steps=4, batch_size=32),
+            # The original network only: the smoke path runs a table trial per cell.
+            table=TableOptions(
+                lrs=(1e-4, 1e-3), steps=4, batch_size=32, models=("original",), eval_events=64
+            ),
             search=SearchOptions(trials=2, steps=6, batch_size=32, val_events=64),
             early_stop=EarlyStopOptions(report_every=3, grace_reports=1),
         )

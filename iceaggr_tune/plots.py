@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from iceaggr.probe import Cell
+from iceaggr.probe import COLUMNS, Cell, column_of, table_cells
 from iceaggr.tracking import TAG_DIVERGED, TAG_DIVERGED_AT_STEP
 from iceaggr_tune.mlflow_runs import TAG_SWEEP_PART
 
@@ -62,6 +62,7 @@ def loss_histories(client: Any, runs: Sequence[Any]) -> list[dict[str, Any]]:
                 "lr": float(params.get("lr", "nan")),
                 "dropout": float(params.get("dropout", "nan")),
                 "normalize": params.get("normalize") == "True",
+                "arch": params.get("arch", "iceaggr"),
                 "status": r.info.status,
                 "diverged_at_step": int(tags[TAG_DIVERGED_AT_STEP])
                 if tags.get(TAG_DIVERGED) == "true" and TAG_DIVERGED_AT_STEP in tags
@@ -88,11 +89,12 @@ def plot_loss_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: 
     for ax, part in zip(axes[0], parts, strict=True):
         mine = [c for c in curves if c["part"] == part]
         finite = [v for c in mine for v in c["loss"] if math.isfinite(v)]
-        for c in sorted(mine, key=lambda c: (c["lr"], c["normalize"])):
+        for c in sorted(mine, key=lambda c: (c["arch"], c["lr"], c["normalize"])):
             colour = cmap(norm(c["lr"])) if c["lr"] > 0 else "black"
             style = "-" if (part == "search" or c["normalize"]) else "--"
             label = f"lr {c['lr']:.0e}"
-            label += (", norm" if c["normalize"] else ", raw") if part == "table" else ""
+            if part == "table":
+                label += f", {c['arch']}, " + ("norm" if c["normalize"] else "raw")
             label += f", dropout {c['dropout']:.2f}" if part == "search" else ""
             steps = c["steps"]
             loss = [v if math.isfinite(v) else float("nan") for v in c["loss"]]
@@ -134,46 +136,52 @@ def plot_loss_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: 
 def plot_stability_table(
     cells: Sequence[Cell], path: str | Path, meta: dict[str, Any] | None = None
 ) -> Path:
-    """The stability table as a coloured grid image."""
+    """The stability table as a coloured grid image: the Markdown table's columns, each cell
+    with its worst status over seeds, loss change and largest per-parameter gradient norm."""
     plt = _pyplot()
 
-    lrs = sorted({c.lr for c in cells})
-    by = {(c.lr, c.normalize): c for c in cells}
-    header = ["Learning rate", "Before normalization", "After normalization"]
+    grouped = table_cells(list(cells))
+    shown = [c for c in COLUMNS if c.shown and any(k[1] == c for k in grouped)]
+    lrs = sorted({lr for lr, _ in grouped})
+    seed_cells: dict[tuple[float, Any], list[Cell]] = {}
+    for c in cells:
+        seed_cells.setdefault((c.lr, column_of(c)), []).append(c)
     text, fill = [], []
     for lr in lrs:
         row, row_fill = [f"{lr:.0e}"], ["#eeeeee"]
-        for normalize in (False, True):
-            c = by.get((lr, normalize))
-            if c is None:
+        for col in shown:
+            tc = grouped.get((lr, col))
+            if tc is None:
                 row.append("not run")
                 row_fill.append("#ffffff")
                 continue
-            word = STATUS_WORD[c.status]
-            if c.status == "explodes":
-                at = f" @ step {c.diverged_at_step}" if c.diverged_at_step is not None else ""
-                row.append(f"{word}{at}")
-            else:
-                row.append(f"{word}  loss {c.loss_change:+.3f}  (max |g| {c.max_grad_norm:.3g})")
-            row_fill.append(STATUS_COLOUR[c.status])
+            worst = max(seed_cells[(lr, col)], key=lambda c: c.max_param_grad_norm)
+            words = tc.text.replace("✅ ", "").replace("⚠️ ", "").replace("❌ ", "")
+            row.append(
+                f"{STATUS_WORD[tc.status]}  {words}\nmax |g| param {worst.max_param_grad_norm:.3g}"
+            )
+            row_fill.append(STATUS_COLOUR[tc.status])
         text.append(row)
         fill.append(row_fill)
-    fig, ax = plt.subplots(figsize=(9.5, 0.55 * (len(lrs) + 1) + 1.2))
+    width = 0.82 / max(1, len(shown))
+    fig, ax = plt.subplots(figsize=(4.0 + 3.6 * len(shown), 0.75 * (len(lrs) + 1) + 1.4))
     ax.axis("off")
     table = ax.table(
         cellText=text,
         cellColours=fill,
-        colLabels=header,
-        colColours=["#cfd8dc"] * 3,
+        colLabels=["Learning rate", *(c.title for c in shown)],
+        colColours=["#cfd8dc"] * (len(shown) + 1),
         cellLoc="center",
         loc="center",
-        colWidths=[0.18, 0.41, 0.41],
+        colWidths=[0.18, *([width] * len(shown))],
     )
     table.auto_set_font_size(False)
-    table.set_fontsize(10)
-    table.scale(1, 1.6)
+    table.set_fontsize(9)
+    table.scale(1, 2.4)
     meta = meta or {}
-    sub = ", ".join(f"{k} {v}" for k, v in meta.items() if k in ("steps", "batch_size", "sweep"))
+    sub = ", ".join(
+        f"{k} {v}" for k, v in meta.items() if k in ("steps", "batch_size", "seeds", "sweep")
+    )
     ax.set_title("Learning-rate stability" + (f" ({sub})" if sub else ""), fontsize=11)
     return _save(plt, fig, path)
 

@@ -92,6 +92,8 @@ class SweepResult:
     name: str
     parent_run_id: str
     table: list[Cell] | None = None
+    table_markdown: str | None = None
+    """The table as printed and saved (``stability_table.md``), with its footnote."""
     best: dict[str, Any] | None = None
     interrupted: bool = False
     wall_seconds: float = 0.0
@@ -339,17 +341,29 @@ def _unfinished(results: Any, expected: int) -> int:
 
 
 def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root: str):
-    """The stability table: one trial per (learning rate, normalization) cell, each built by
-    :func:`iceaggr.probe.probe_config` in the trial and classified where it trained."""
+    """The stability table: one trial per (learning rate, network, normalization, seed) cell,
+    each built by :func:`iceaggr.probe.probe_config` in the trial and classified where it
+    trained."""
     from ray import tune
 
     settings = _settings(opts, base, "table", parent, tune_root)
     space = {
         "lr": tune.grid_search(list(opts.table.lrs)),
+        "arch": tune.grid_search(list(opts.table.models)),
         "normalize": tune.grid_search([False, True]),
+        "seed": tune.grid_search(list(range(table_seeds(opts)))),
     }
     results = fit_part("table", settings, opts, tune_root, space)
     return table_cells(results), results
+
+
+def table_seeds(opts: SweepOptions) -> int:
+    return opts.table.seeds_for(opts.resources.use_gpu)
+
+
+def table_trials(opts: SweepOptions) -> int:
+    """Trials of the table: learning rates x networks x normalization off/on x seeds."""
+    return len(opts.table.lrs) * len(opts.table.models) * 2 * table_seeds(opts)
 
 
 def table_cells(results: Any) -> list[Cell]:
@@ -589,14 +603,22 @@ def _table_part(run: _Run) -> None:
     """Run the table; record it in the result and as Markdown, JSON and PNG artifacts."""
     opts, result = run.opts, run.result
     cells, results = run_table(opts, copy.deepcopy(run.base), result.parent_run_id, run.tune_root)
-    result.interrupted |= _unfinished(results, 2 * len(opts.table.lrs)) > 0
+    result.interrupted |= _unfinished(results, table_trials(opts)) > 0
     result.table = cells
     result.overhead["table"] = trial_overhead(results)  # type: ignore[assignment]
     t = opts.table
-    meta = {"steps": t.steps, "batch_size": t.batch_size, "data": opts.data.path}
+    meta = {
+        "steps": t.steps,
+        "batch_size": t.batch_size,
+        "seeds": table_seeds(opts),
+        "eval_events": t.eval_events,
+        "grad_norm_warn": run.base.train.grad_norm_warn,
+        "data": opts.data.path,
+    }
     md, js = write_table(cells, run.sweep_dir, meta={**meta, "sweep": result.name})
+    result.table_markdown = md.read_text()
     png = plot_stability_table(
-        cells, run.sweep_dir / "stability_table.png", {"steps": t.steps, "sweep": result.name}
+        cells, run.sweep_dir / "stability_table.png", {**meta, "sweep": result.name}
     )
     for path in (md, js, png):
         run.plog.log_artifact(path)

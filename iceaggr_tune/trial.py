@@ -79,7 +79,11 @@ def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentC
         if settings.table is None:
             raise ValueError("a table trial needs TrialSettings.table (steps and batch size)")
         t = settings.table
-        cfg = probe_config(cfg, float(hp["lr"]), bool(hp["normalize"]), t.steps, t.batch_size)
+        cfg = probe_config(
+            cfg, float(hp["lr"]), bool(hp["normalize"]), t.steps, t.batch_size,
+            arch=str(hp["arch"]), seed=cfg.train.seed + int(hp["seed"]),
+            eval_events=t.eval_events,
+        )  # fmt: skip
     else:
         cfg.train.lr = float(hp["lr"])
         cfg.model.dropout = float(hp.get("dropout", cfg.model.dropout))
@@ -182,9 +186,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if result.val_angle is not None:
                 summary[METRIC] = result.val_angle
         if config.get("track_fixed_batch"):  # a table cell, classified here only
-            cell = cell_from_result(
-                cfg.train.lr, cfg.model.normalize, result, cfg.train.grad_norm_warn
-            )
+            cell = cell_from_result(cfg, result)
             summary |= cell.to_metrics()
         ray.train.report(summary)
     finally:
@@ -192,6 +194,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def run_name(trial_id: str, hp: dict[str, Any]) -> str:
+    if "arch" in hp:  # a table cell
+        norm = "norm" if hp["normalize"] else "raw"
+        return f"{trial_id}-{hp['arch']}-lr{float(hp['lr']):.0e}-{norm}-seed{int(hp['seed'])}"
     norm = "" if "normalize" not in hp else ("-norm" if hp["normalize"] else "-raw")
     return f"{trial_id}-lr{float(hp['lr']):.1e}-do{float(hp.get('dropout', 0.0)):.2f}{norm}"
 
@@ -219,6 +224,7 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
             "lr": cfg.train.lr,
             "dropout": cfg.model.dropout,
             "normalize": cfg.model.normalize,
+            "arch": cfg.model.arch,
             "seed": cfg.train.seed,
             "num_workers": settings.resources.workers_per_trial,
             "use_gpu": settings.resources.use_gpu,

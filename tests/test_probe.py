@@ -22,14 +22,18 @@ from iceaggr.cli import main
 from iceaggr.config import ExperimentConfig, debug_config, to_dict
 from iceaggr.probe import (
     CELL_METRIC,
+    COLUMNS,
+    PROBE_EVAL_EVENTS,
     PROBE_LRS,
     Cell,
     cell_from_result,
     classify,
+    column_of,
     format_table,
     lr_label,
     probe_config,
     run_probe,
+    warn_rule,
     write_table,
 )
 from iceaggr.train import TrainResult
@@ -40,6 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE_TEST_LRS = (1e-4, 1e-3)
 PROBE_TEST_STEPS = 3
 PROBE_TEST_BATCH = 32
+
+HEADER = (
+    "| Learning Rate | Before Normalization | After Normalization "
+    "| This project's model, raw inputs |"
+)
 
 # DESIGN.md section 1 / 6, verbatim.
 DESIGN_TABLE = """\
@@ -56,14 +65,14 @@ DESIGN_TABLE = """\
 
 
 def test_classify_explodes() -> None:
-    kw = dict(max_grad_norm=5.0, grad_norm_warn=1e3)
+    kw = dict(max_param_grad_norm=5.0, grad_norm_warn=1e3)
     assert classify(diverged=True, loss_initial=1.6, loss_final=1.5, **kw) == ("explodes", None)
     assert classify(diverged=False, loss_initial=None, loss_final=1.5, **kw) == ("explodes", None)
     assert classify(diverged=False, loss_initial=1.6, loss_final=None, **kw) == ("explodes", None)
 
 
 def test_classify_non_finite_fixed_batch_loss_explodes() -> None:
-    kw = dict(diverged=False, max_grad_norm=5.0, grad_norm_warn=1e3)
+    kw = dict(diverged=False, max_param_grad_norm=5.0, grad_norm_warn=1e3)
     assert classify(loss_initial=1.6, loss_final=math.nan, **kw) == ("explodes", None)
     assert classify(loss_initial=math.inf, loss_final=1.5, **kw) == ("explodes", None)
     assert classify(loss_initial=1.6, loss_final=-math.inf, **kw) == ("explodes", None)
@@ -75,15 +84,17 @@ def test_a_nan_final_fixed_batch_loss_is_an_explosion_in_the_table() -> None:
     result = TrainResult(
         steps=3, fixed_batch_loss_initial=1.5, fixed_batch_loss_final=math.nan, max_grad_norm=0.5
     )
-    cell = cell_from_result(1e-3, False, result, grad_norm_warn=1e3)
+    cfg = probe_config(debug_config("d"), 1e-3, False, steps=3, batch_size=32, arch="original")
+    cell = cell_from_result(cfg, result)
     assert cell.text == "❌ EXPLODES"
     assert (cell.status, cell.loss_change) == ("explodes", None)
     assert (cell.loss_initial, cell.loss_final) == (1.5, None)
     assert cell.diverged_at_step is None
     assert cell.divergence_reason == (
-        "fixed-batch loss not finite: 1.5 before the first step, nan after"
+        "held-out loss not finite: 1.5 before the first step, nan after"
     )
-    assert format_table([cell]).splitlines()[2] == "| 1e-3 | ❌ EXPLODES | — |"
+    assert (cell.model, cell.seed) == ("original", 0)
+    assert format_table([cell]).splitlines()[2] == "| 1e-3 | ❌ EXPLODES |"
 
 
 def test_cell_travels_as_one_metric_and_comes_back_exactly() -> None:
@@ -110,13 +121,21 @@ def test_cell_travels_as_one_metric_and_comes_back_exactly() -> None:
 
 def test_classify_no_decrease() -> None:
     status, change = classify(
-        diverged=False, loss_initial=1.5, loss_final=1.523, max_grad_norm=5.0, grad_norm_warn=1e3
+        diverged=False,
+        loss_initial=1.5,
+        loss_final=1.523,
+        max_param_grad_norm=5.0,
+        grad_norm_warn=1e3,
     )
     assert status == "no_decrease"
     assert change == pytest.approx(0.023)
     # Exactly unchanged is not a decrease, whatever the gradients did.
     assert classify(
-        diverged=False, loss_initial=1.5, loss_final=1.5, max_grad_norm=1e9, grad_norm_warn=1e3
+        diverged=False,
+        loss_initial=1.5,
+        loss_final=1.5,
+        max_param_grad_norm=1e9,
+        grad_norm_warn=1e3,
     ) == ("no_decrease", 0.0)
 
 
@@ -126,7 +145,7 @@ def test_classify_warn_and_ok_split_on_the_gradient_threshold() -> None:
             diverged=False,
             loss_initial=1.549,
             loss_final=1.5,
-            max_grad_norm=max_grad_norm,
+            max_param_grad_norm=max_grad_norm,
             grad_norm_warn=1e3,
         )
 
@@ -166,6 +185,7 @@ def design_cells() -> list[Cell]:
             loss_initial=None,
             loss_final=None,
             max_grad_norm=1.0,
+            model="original",
         )
         for lr, n, s, c in rows
     ]
@@ -194,6 +214,7 @@ def test_format_table_marks_missing_cells_and_labels_any_lr() -> None:
             loss_initial=1.6,
             loss_final=1.5,
             max_grad_norm=1.0,
+            model="original",
         ),
         Cell(
             lr=1e-4,
@@ -203,6 +224,7 @@ def test_format_table_marks_missing_cells_and_labels_any_lr() -> None:
             loss_initial=1.6,
             loss_final=1.4,
             max_grad_norm=1.0,
+            model="original",
         ),
     ]
     lines = format_table(cells).splitlines()
@@ -225,8 +247,8 @@ def test_probe_config_is_the_original_protocol() -> None:
     assert t.loss == "angular"
     assert t.grad_clip == base.train.grad_clip
     assert (t.checkpoint_every, t.eval_every, t.mlflow_tracking_uri) == (0, 0, None)
-    assert cfg.data.max_val_events == 256
-    assert cfg.name == "probe-lr3e-04-raw"
+    assert cfg.data.max_val_events == PROBE_EVAL_EVENTS  # the held-out set
+    assert cfg.name == "probe-iceaggr-lr3e-04-raw-seed0"
     assert base == debug_config("d")  # the base is not modified
 
 
@@ -257,8 +279,8 @@ def probe_cells(small_dataset: Path) -> list[Cell]:
 
 
 def test_run_probe_computes_every_cell(probe_cells: list[Cell]) -> None:
-    assert [(c.lr, c.normalize) for c in probe_cells] == [
-        (lr, n) for lr in PROBE_TEST_LRS for n in (False, True)
+    assert [(c.lr, c.model, c.normalize) for c in probe_cells] == [
+        (lr, col.arch, col.normalize) for lr in PROBE_TEST_LRS for col in COLUMNS
     ]
     warn = probe_base(Path(".")).train.grad_norm_warn
     for c in probe_cells:
@@ -267,7 +289,7 @@ def test_run_probe_computes_every_cell(probe_cells: list[Cell]) -> None:
             diverged=c.diverged_at_step is not None,
             loss_initial=c.loss_initial,
             loss_final=c.loss_final,
-            max_grad_norm=c.max_grad_norm,
+            max_param_grad_norm=c.max_param_grad_norm,
             grad_norm_warn=warn,
         )
         assert (c.status, c.loss_change) == expected
@@ -281,9 +303,12 @@ def test_run_probe_computes_every_cell(probe_cells: list[Cell]) -> None:
         # Raw cells feed ns and metres to the network; normalized ones O(1) values.
         assert c.max_abs_input is not None
         assert (c.max_abs_input > 1e3) if not c.normalize else (c.max_abs_input < 10)
-    # Every cell starts from the same weights and is scored on the same fixed batch.
-    for normalize in (False, True):
-        initial = {c.loss_initial for c in probe_cells if c.normalize is normalize}
+        assert 0 < c.max_param_grad_norm <= c.max_grad_norm * (1 + 1e-6)
+        assert c.max_param_grad_name is not None and c.eval_events > 0
+        assert c.train_loss_change is not None and c.loss_change_stderr is not None
+    # Every cell of a column starts from the same weights and is scored on the same events.
+    for col in COLUMNS:
+        initial = {c.loss_initial for c in probe_cells if column_of(c) == col}
         assert len(initial) == 1
 
 
@@ -292,7 +317,7 @@ def test_write_table_json_and_markdown(probe_cells: list[Cell], tmp_path: Path) 
     assert md.read_text() == format_table(probe_cells) + "\n"
     data = json.loads(js.read_text())
     assert data["meta"] == {"steps": PROBE_TEST_STEPS}
-    assert len(data["cells"]) == 4
+    assert len(data["cells"]) == 2 * len(COLUMNS)
     for entry, cell in zip(data["cells"], probe_cells, strict=True):
         for key in ("lr", "normalize", "status", "loss_change", "max_grad_norm", "text"):
             assert key in entry
@@ -302,7 +327,7 @@ def test_write_table_json_and_markdown(probe_cells: list[Cell], tmp_path: Path) 
         assert entry["max_grad_norm"] == pytest.approx(cell.max_grad_norm)
         assert entry["text"] == cell.text
     lines = md.read_text().splitlines()
-    assert lines[0] == "| Learning Rate | Before Normalization | After Normalization |"
+    assert lines[0] == HEADER
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| 1e-4", "| 1e-3"]
 
 
@@ -342,8 +367,9 @@ def test_cli_probe_prints_and_writes_the_table(
     stdout = capsys.readouterr().out
     table = (out / "stability_table.md").read_text().strip()
     assert table in stdout
-    assert table.splitlines()[0] == "| Learning Rate | Before Normalization | After Normalization |"
-    assert len(table.splitlines()) == 2 + len(PROBE_TEST_LRS)
+    assert table.splitlines()[0] == HEADER
+    assert len(table.splitlines()) == 2 + len(PROBE_TEST_LRS) + 2  # + blank line, the rule
+    assert table.splitlines()[-1] == warn_rule(debug_config().train.grad_norm_warn)
     data = json.loads((out / "stability_table.json").read_text())
     assert data["meta"]["steps"] == PROBE_TEST_STEPS
     assert data["meta"]["batch_size"] == PROBE_TEST_BATCH

@@ -71,9 +71,14 @@ def test_a_table_trial_trains_exactly_the_probe_cell(normalize: bool) -> None:
         resources=SweepOptions().resources,
         table=table,
     )
-    cfg = trial_experiment(settings, {"lr": 3e-4, "normalize": normalize})
-    assert cfg == probe_config(base, 3e-4, normalize, steps=7, batch_size=48)
+    hp = {"lr": 3e-4, "normalize": normalize, "arch": "original", "seed": 2}
+    cfg = trial_experiment(settings, hp)
+    expected = probe_config(
+        base, 3e-4, normalize, steps=7, batch_size=48, arch="original", seed=base.train.seed + 2
+    )
+    assert cfg == expected
     assert (cfg.model.dropout, cfg.train.max_steps, cfg.train.batch_size) == (0.1, 7, 48)
+    assert (cfg.model.arch, cfg.train.seed) == ("original", base.train.seed + 2)
 
 
 # ---------------------------------------------------------------- sweep.json

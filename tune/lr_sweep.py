@@ -41,14 +41,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Any, argparse.Namespace]:
 
 
 def print_result(opts: Any, result: Any) -> None:
-    from iceaggr.probe import format_table
     from iceaggr.tracking import redact_uri
 
     print()
-    if result.table is not None:
-        print(f"## Stability table ({opts.table.steps} steps, batch {opts.table.batch_size})\n")
-        print(format_table(result.table))
-        print()
+    if result.table_markdown is not None:
+        t = opts.table
+        seeds = t.seeds_for(opts.resources.use_gpu)
+        print(
+            f"## Stability table ({t.steps} steps, batch {t.batch_size}, {seeds} seed(s), "
+            f"loss change on {t.eval_events} held-out events)\n"
+        )
+        print(result.table_markdown)
     if result.best is not None:
         b = result.best
         print(
