@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -176,11 +177,16 @@ def select_hits(
     return rows, cu
 
 
-def line_fit_dataset(data_dir: str | Path, max_events: int | None = None) -> dict[str, float]:
+def line_fit_dataset(
+    data_dir: str | Path,
+    max_events: int | None = None,
+    batch_ids: Sequence[int] | None = None,
+) -> dict[str, float]:
     """Score the improved line fit on a Kaggle-layout folder with angles (training data).
 
     Reads ``sensor_geometry.csv``, ``train_meta.parquet`` and the batch files in ``batch_id``
-    order until ``max_events`` events (all if None).
+    order (only ``batch_ids`` when given, e.g. the validation files) until ``max_events``
+    events (all if None).
 
     Returns:
         ``{"n_events", "mean_angular_error", "median_angular_error", "random_baseline",
@@ -206,6 +212,11 @@ def line_fit_dataset(data_dir: str | Path, max_events: int | None = None) -> dic
             "be scored on training data with true angles"
         )
     meta = meta.sort_values(["batch_id", "first_pulse_index"], kind="stable")
+    if batch_ids is not None:
+        missing = sorted(set(batch_ids) - set(meta["batch_id"].unique()))
+        if missing:
+            raise ValueError(f"{meta_path} has no events of batch_id {missing}")
+        meta = meta[meta["batch_id"].isin(list(batch_ids))]
     if max_events is not None:
         meta = meta.iloc[:max_events]
 

@@ -27,6 +27,11 @@ TAG_ENDED_BY = "ended_by"  # who closed a run its own process left RUNNING
 TAG_ERROR = "error"  # the exception that ended a trial
 TAG_BEST_LR = "best_lr"  # on the parent run: the search's best learning rate
 TAG_BEST_DROPOUT = "best_dropout"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+"""Experiment tag the MLflow 3 UI reads to choose its layout; without it, an experiment
+whose runs carry no models opens as a GenAI experiment (traces, judges, prompts)."""
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+"""The UI's model-training layout: the runs table with parameter and metric columns."""
 
 
 def client_for(uri: str, wait_s: float = DEFAULT_WAIT_S) -> PatientClient:
@@ -38,6 +43,7 @@ def find_or_create_parent(uri: str, experiment: str, sweep_name: str) -> str:
     """The sweep's parent run (reused when a sweep of this name already has one)."""
     client = client_for(uri)
     exp_id = get_or_create_experiment(client, experiment)
+    client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING)
     found = client.search_runs(
         [exp_id],
         filter_string=(f"tags.{TAG_SWEEP_NAME} = '{sweep_name}' and tags.{TAG_IS_PARENT} = 'true'"),

@@ -63,7 +63,12 @@ from iceaggr_tune.options import (
     SearchOptions,
     SweepOptions,
 )
-from iceaggr_tune.plots import loss_histories, plot_loss_curves, plot_stability_table
+from iceaggr_tune.plots import (
+    loss_histories,
+    plot_loss_curves,
+    plot_search_landscape,
+    plot_stability_table,
+)
 
 __all__ = ["SweepError", "SweepOptions", "SweepResult", "run_sweep"]
 
@@ -95,6 +100,10 @@ class SweepResult:
     table_markdown: str | None = None
     """The table as printed and saved (``stability_table.md``), with its footnote."""
     best: dict[str, Any] | None = None
+    search_trials: list[dict[str, Any]] = field(default_factory=list)
+    """One row per search trial (:func:`iceaggr_tune.summary.search_rows`)."""
+    references: dict[str, float] = field(default_factory=dict)
+    """Line fit and random guessing on the search's validation events (rad)."""
     interrupted: bool = False
     wall_seconds: float = 0.0
     overhead: dict[str, float] = field(default_factory=dict)
@@ -638,6 +647,7 @@ def _search_part(run: _Run) -> None:
     result.interrupted |= _unfinished(results, opts.search.trials) > 0
     result.best = best
     result.overhead["search"] = trial_overhead(results)  # type: ignore[assignment]
+    _record_search_landscape(run, results)
     if best is None:
         return
     path = run.sweep_dir / "best_config.json"
@@ -647,6 +657,35 @@ def _search_part(run: _Run) -> None:
     run.plog.set_tags(
         {TAG_BEST_LR: f"{best['lr']:.3g}", TAG_BEST_DROPOUT: f"{best['dropout']:.3f}"}
     )
+
+
+def _record_search_landscape(run: _Run, results: Any) -> None:
+    """The search's rows, the line fit and random on the same validation events, as
+    ``search_trials.json`` and ``search_landscape.png`` (sweep folder and parent run)."""
+    from iceaggr.dataset import KaggleDataset, split_batch_ids
+    from iceaggr_tune.summary import reference_errors, search_rows
+
+    result = run.result
+    result.search_trials = search_rows(results)
+    try:
+        _, val_ids = split_batch_ids(KaggleDataset(run.base.data.path).batch_ids, 1)
+        result.references = reference_errors(
+            run.base.data.path, val_ids, run.opts.search.val_events
+        )
+    except Exception as err:  # the summary is still useful without the reference lines
+        log.warning("could not score the line fit on the validation events: %s", err)
+    path = run.sweep_dir / "search_trials.json"
+    path.write_text(
+        json.dumps({"trials": result.search_trials, "references": result.references}, indent=2)
+    )
+    png = plot_search_landscape(
+        result.search_trials,
+        run.sweep_dir / "search_landscape.png",
+        f"sweep {result.name}: search (validation on {run.opts.search.val_events} events)",
+        result.references,
+    )
+    for artifact in (path, png):
+        run.plog.log_artifact(artifact)
 
 
 def _sync_left_over_records(spool_dir: Path, uri: str) -> None:

@@ -10,7 +10,8 @@ Node script ``tests/browser/mlflow_ui.mjs`` then drives Debian's Chromium throug
   runs with MLflow's failed-status icon (a status search lists exactly them);
 * selecting a diverged and finished runs and pressing Compare opens the compare view, whose
   ``loss`` chart renders one curve per run, the diverged one cut short;
-* the parent run's artifacts tab previews ``loss_curves.png`` and ``stability_table.png``.
+* the parent run's artifacts tab previews ``loss_curves.png``, ``stability_table.png`` and
+  ``search_landscape.png``.
 
 Every view is saved as a full-page screenshot under ``$ICEAGGR_SCREENSHOT_DIR`` (default
 ``runs/ui-screenshots/``) for a person to look at. Nothing is skipped: a missing Node, Chromium
@@ -46,6 +47,7 @@ SCREENSHOTS = (
     "04-compare-loss-chart.png",
     "05-parent-artifact-loss-curves.png",
     "06-parent-artifact-stability-table.png",
+    "07-parent-artifact-search-landscape.png",
 )
 
 

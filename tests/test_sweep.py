@@ -65,6 +65,13 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"stability_table.md", "stability_table.json", "best_config.json"} <= artifacts
+    assert {"search_landscape.png", "search_trials.json"} <= artifacts
+    assert len(result.search_trials) == opts.search.trials
+    assert set(result.references) == {"line fit", "random"}
+    assert 0.5 < result.references["line fit"] < result.references["random"]
+    # The MLflow UI opens the experiment in its model-training layout, not the GenAI one.
+    experiment = client.get_experiment_by_name(opts.tracking.experiment)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     runs = child_runs(opts.tracking.uri, result.parent_run_id)
     assert len(runs) == 2 * len(TABLE_LRS) + opts.search.trials

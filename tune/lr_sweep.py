@@ -54,10 +54,17 @@ def print_result(opts: Any, result: Any) -> None:
         print(result.table_markdown)
     if result.best is not None:
         b = result.best
+        refs = "".join(f"; {k} {v:.4f} rad" for k, v in result.references.items())
         print(
             f"## Best configuration\n\nlr {b['lr']:.3g}, dropout {b['dropout']:.3f}: "
-            f"validation angular error {b['val_angle']:.4f} rad after {b['steps']} steps"
+            f"validation angular error {b['val_angle']:.4f} rad after {b['steps']} steps{refs} "
+            f"(same {opts.search.val_events} held-out events)"
         )
+    if result.search_trials:
+        from iceaggr_tune.summary import format_search_table
+
+        print("\n## Search trials\n")
+        print(format_search_table(result.search_trials))
     for part, over in result.overhead.items():
         if over:
             print(
@@ -80,6 +87,8 @@ def write_json(path: str, result: Any) -> None:
                 "parent_run_id": result.parent_run_id,
                 "table": [c.__dict__ for c in result.table or []],
                 "best": result.best,
+                "search_trials": result.search_trials,
+                "references": result.references,
                 "interrupted": result.interrupted,
                 "wall_seconds": result.wall_seconds,
                 "overhead": result.overhead,

@@ -15,7 +15,8 @@
 //   2. selecting a diverged and finished runs and pressing Compare opens the compare view, and
 //      the loss metric opens a rendered plotly line chart with one curve per selected run, the
 //      diverged curve cut short where training stopped;
-//   3. the parent run's artifacts tab previews loss_curves.png and stability_table.png as
+//   3. the parent run's artifacts tab previews loss_curves.png, stability_table.png and
+//      search_landscape.png as
 //      decoded images of the logged size;
 // and saves a full-page screenshot of every view to the screenshot directory.
 // Exits 1 with the reason (and a failure-*.png screenshot) on the first failed check.
@@ -66,7 +67,7 @@ const SHOTS = path.resolve(opt['screenshot-dir']);
 const EXPECT_CHILDREN = Number(opt['expect-children']);
 const EXPECT_DIVERGED = Number(opt['expect-diverged']);
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const PARENT_IMAGES = ['loss_curves.png', 'stability_table.png'];
+const PARENT_IMAGES = ['loss_curves.png', 'stability_table.png', 'search_landscape.png'];
 const UI_TIMEOUT = 60_000; // the UI is a large bundle; a busy 2-core CI box needs the slack
 
 fs.mkdirSync(SHOTS, { recursive: true });

@@ -1,0 +1,79 @@
+"""What a sweep's search found, at a glance: one row per trial and the references beside it.
+
+:func:`search_rows` turns Tune's results into rows (trial, lr, dropout, steps reached, best
+validation error, stopped early, diverged); :func:`reference_errors` scores the line fit and
+random guessing on the same held-out events the trials validate on; :func:`format_search_table`
+prints the rows as Markdown. The sweep prints them, writes ``search_trials.json`` and draws
+``search_landscape.png`` (:func:`iceaggr_tune.plots.plot_search_landscape`) from them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from iceaggr_tune.trial import DIVERGED_PENALTY, METRIC
+
+RANDOM_GUESS_RAD = math.pi / 2
+"""Mean angular error of a random direction (rad)."""
+
+
+def _best_val(result: Any) -> float | None:
+    """Lowest finite validation error a trial reported (the diverged penalty excluded)."""
+    values: list[float] = []
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and METRIC in df.columns:
+        values = [float(v) for v in df[METRIC].dropna()]
+    last = (result.metrics or {}).get(METRIC)
+    if last is not None:
+        values.append(float(last))
+    finite = [v for v in values if math.isfinite(v) and v < DIVERGED_PENALTY]
+    return min(finite) if finite else None
+
+
+def search_rows(results: Any) -> list[dict[str, Any]]:
+    """One row per search trial, in the order Optuna proposed them."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or Path(str(r.path)).name
+        rows.append(
+            {
+                "trial": str(trial_id),
+                "lr": float(r.config["lr"]),
+                "dropout": float(r.config["dropout"]),
+                "steps": int(m.get("step", 0) or 0),
+                "best_val": _best_val(r),
+                "stopped_early": bool(m.get("stopped_early")),
+                "diverged": bool(m.get("diverged")),
+                "error": None if r.error is None else type(r.error).__name__,
+            }
+        )
+    return sorted(rows, key=lambda row: row["trial"])
+
+
+def reference_errors(data: str | Path, val_batch_ids: list[int], events: int) -> dict[str, float]:
+    """The line fit's and random guessing's mean angular error (rad) on the first ``events``
+    events of the validation files (the trials' validation events)."""
+    from iceaggr.linefit import line_fit_dataset
+
+    fit = line_fit_dataset(data, max_events=events, batch_ids=val_batch_ids)
+    return {"line fit": fit["mean_angular_error"], "random": RANDOM_GUESS_RAD}
+
+
+def format_search_table(rows: list[dict[str, Any]]) -> str:
+    """The search's trials as Markdown, best validation error first."""
+    lines = [
+        "| trial | lr | dropout | steps | best val (rad) | stopped early | diverged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    key = lambda row: (row["best_val"] is None, row["best_val"] or 0.0)  # noqa: E731
+    for row in sorted(rows, key=key):
+        best = "—" if row["best_val"] is None else f"{row['best_val']:.4f}"
+        lines.append(
+            f"| {row['trial']} | {row['lr']:.3g} | {row['dropout']:.3f} | {row['steps']} | "
+            f"{best} | {'yes' if row['stopped_early'] else 'no'} | "
+            f"{'yes' if row['diverged'] else ('error' if row['error'] else 'no')} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""The search summary: its Markdown table and the reference errors on the validation events."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from iceaggr.dataset import KaggleDataset, split_batch_ids
+from iceaggr.linefit import line_fit_dataset
+from iceaggr_tune.summary import RANDOM_GUESS_RAD, format_search_table, reference_errors
+
+
+def _row(trial: str, best: float | None, **kw: object) -> dict[str, object]:
+    row = dict(trial=trial, lr=3e-4, dropout=0.1, steps=60, best_val=best)
+    row.update(stopped_early=False, diverged=False, error=None)
+    return row | kw
+
+
+def test_format_search_table_sorts_by_best_validation_error() -> None:
+    rows = [
+        _row("t1", 1.45, stopped_early=True, steps=20),
+        _row("t2", None, diverged=True, lr=3e-3, steps=7),
+        _row("t3", 1.3712, dropout=0.25),
+    ]
+    lines = format_search_table(rows).splitlines()
+    assert (
+        lines[0] == "| trial | lr | dropout | steps | best val (rad) | stopped early | diverged |"
+    )
+    assert lines[2:] == [
+        "| t3 | 0.0003 | 0.250 | 60 | 1.3712 | no | no |",
+        "| t1 | 0.0003 | 0.100 | 20 | 1.4500 | yes | no |",
+        "| t2 | 0.003 | 0.100 | 7 | — | no | yes |",
+    ]
+
+
+def test_reference_errors_score_the_validation_events(small_dataset: Path) -> None:
+    _, val_ids = split_batch_ids(KaggleDataset(small_dataset).batch_ids, 1)
+    refs = reference_errors(small_dataset, val_ids, 200)
+    only_val = line_fit_dataset(small_dataset, max_events=200, batch_ids=val_ids)
+    assert only_val["n_events"] == 200
+    assert refs == {"line fit": only_val["mean_angular_error"], "random": RANDOM_GUESS_RAD}
+    first_file = line_fit_dataset(small_dataset, max_events=200)
+    assert refs["line fit"] != first_file["mean_angular_error"]  # other events
+    assert 0.3 < refs["line fit"] < math.pi / 2
+    with pytest.raises(ValueError, match=r"has no events of batch_id \[99\]"):
+        line_fit_dataset(small_dataset, max_events=10, batch_ids=[99])
