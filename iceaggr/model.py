@@ -118,6 +118,16 @@ class ModelOutput:
     """(B,) > 0 von Mises-Fisher concentration (1/rad^2 scale)."""
 
 
+@dataclass
+class EventFeatures:
+    """What :meth:`IceAggrModel.forward_features` hands to the head."""
+
+    pooled: torch.Tensor
+    """(B, d) pooled event transformer output plus the embedded event-mean DOM summaries."""
+    moment_dir: torch.Tensor
+    """(B, 3) unit vector opposite to the event's mean position-time moment (0: no moment)."""
+
+
 class SeqLayout:
     """Index plan for attention over ``N`` variable-length sequences of ``T`` packed tokens.
 
@@ -322,12 +332,8 @@ class IceAggrModel(nn.Module):
         """Per-feature 1-D tensors exactly as they enter the network (after the normalizer)."""
         return self.normalizer(batch).as_dict()
 
-    def forward_features(self, batch: DomBatch) -> torch.Tensor:
-        """(B, d) pooled event representation."""
-        return self._encode(batch)[0]
-
-    def _encode(self, batch: DomBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, d) pooled event representation and (B, 3) unit moment direction (or 0)."""
+    def forward_features(self, batch: DomBatch) -> EventFeatures:
+        """Pooled event representation (B, d) and moment direction (B, 3)."""
         padded = self.cfg.attention == "padded"
         inputs = self.normalizer(batch)
         dom_layout = SeqLayout(batch.cu_pulses, padded)  # over pulses, one sequence per DOM
@@ -342,18 +348,17 @@ class IceAggrModel(nn.Module):
         # The muon travels along the moment, the neutrino came from the opposite side. An event
         # without one (a single DOM) gets the zero vector.
         moment_dir = -F.normalize(moments[:, MOMENT_COLUMNS], dim=-1, eps=1e-12)  # (B, 3)
-        return pooled + self.moment_embed(moments), moment_dir  # (B, d), (B, 3)
+        return EventFeatures(pooled=pooled + self.moment_embed(moments), moment_dir=moment_dir)
 
-    def forward_head(self, features: torch.Tensor, moment_dir: torch.Tensor) -> ModelOutput:
-        """Direction and kappa from (B, d) features and the (B, 3) unit moment direction."""
-        raw = self.head(features)  # (B, 4)
-        logits = raw[:, :3] + self.moment_readout(moment_dir)  # (B, 3)
+    def forward_head(self, features: EventFeatures) -> ModelOutput:
+        raw = self.head(features.pooled)  # (B, 4)
+        logits = raw[:, :3] + self.moment_readout(features.moment_dir)  # (B, 3)
         direction = F.normalize(logits, dim=-1, eps=1e-12)  # (B, 3)
         kappa = F.softplus(raw[:, 3]) + KAPPA_FLOOR  # (B,)
         return ModelOutput(direction=direction, kappa=kappa)
 
     def forward(self, batch: DomBatch) -> ModelOutput:
-        return self.forward_head(*self._encode(batch))
+        return self.forward_head(self.forward_features(batch))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:

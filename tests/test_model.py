@@ -262,7 +262,8 @@ def test_moment_readout_starts_at_zero_so_the_untrained_model_is_the_head_alone(
     batch = make_batch(EVENT_DOM_LENGTHS)
     assert torch.equal(model.moment_readout.weight, torch.zeros(3, 3))
     with torch.no_grad():
-        head_only = torch.nn.functional.normalize(model.head(model.forward_features(batch))[:, :3])
+        raw = model.head(model.forward_features(batch).pooled)  # (B, 4)
+        head_only = torch.nn.functional.normalize(raw[:, :3], dim=-1)
         out = model(batch)
     torch.testing.assert_close(out.direction, head_only, atol=1e-6, rtol=0)
 
@@ -305,5 +306,7 @@ def test_moment_direction_is_unit_length_whatever_the_input_scale(normalize: boo
     # Raw moments reach ~1e6 m ns with normalize=false; the readout sees only their direction,
     # so it adds no raw-scale path. A one-DOM event (the second) has no moment: zero vector.
     with torch.no_grad():
-        _, moment_dir = make_model(normalize=normalize)._encode(make_batch(EVENT_DOM_LENGTHS))
-    torch.testing.assert_close(moment_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]))
+        feats = make_model(normalize=normalize).forward_features(make_batch(EVENT_DOM_LENGTHS))
+    torch.testing.assert_close(
+        feats.moment_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
+    )
