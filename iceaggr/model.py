@@ -295,6 +295,14 @@ class IceAggrModel(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 4)
         )  # 3 direction components + 1 kappa logit
+        self.apply(self._init_weights)
+        nn.init.normal_(self.head[-1].weight, std=HEAD_INIT_STD)
+        # A pulse whose normalized features are all exactly 0 (t = 1e4 ns, q = 1 p.e., not
+        # auxiliary: it happens in real data) would embed to an all-zero token with a zero
+        # bias, stay exactly zero through every block, and hit each LayerNorm at zero
+        # variance, where its gradient is 1/sqrt(eps) ~ 316 per norm (~5e9 pre-clip seen).
+        # A non-zero learned bias gives every pulse token a spread over channels.
+        nn.init.normal_(self.pulse_embed.bias, std=PULSE_BIAS_INIT_STD)
         # The direction of an event's mean position-time moment is, up to its sign, the line
         # fit's direction (the covariance of hit position and time): on 1,024 held-out
         # synthetic events -normalize(mean moment) alone scores 1.205 rad. The paths above never
@@ -303,27 +311,19 @@ class IceAggrModel(nn.Module):
         # about lr per step, so even a zero-init linear readout of the raw mean moments added to
         # the direction logits was still at 1.513 rad after 300 steps, while the same readout of
         # the unit vector reached 1.29 rad by step 100 and 1.205 by step 300. So the head gets
-        # that unit vector through a linear map, zero at init: the untrained model is unchanged
-        # and learns how much to trust the moment direction (it is scale-free, so raw inputs
-        # with normalize=false give it the same size).
+        # that unit vector through a linear map, zero at init and made last (the other
+        # parameters draw the same random numbers as without it): the untrained model is
+        # unchanged and learns how much to trust the moment direction. The vector is
+        # scale-free, so raw inputs (normalize=false) give it the same size.
         self.moment_readout = nn.Linear(3, 3, bias=False)
-        self.apply(self._init_weights)
-        nn.init.normal_(self.head[-1].weight, std=HEAD_INIT_STD)
         nn.init.zeros_(self.moment_readout.weight)
-        # A pulse whose normalized features are all exactly 0 (t = 1e4 ns, q = 1 p.e., not
-        # auxiliary: it happens in real data) would embed to an all-zero token with a zero
-        # bias, stay exactly zero through every block, and hit each LayerNorm at zero
-        # variance, where its gradient is 1/sqrt(eps) ~ 316 per norm (~5e9 pre-clip seen).
-        # A non-zero learned bias gives every pulse token a spread over channels.
-        nn.init.normal_(self.pulse_embed.bias, std=PULSE_BIAS_INIT_STD)
         logger.debug("IceAggrModel: %d parameters, %s", self.num_parameters(), cfg)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
