@@ -310,4 +310,3 @@ def test_moment_direction_is_unit_length_whatever_the_input_scale(normalize: boo
     torch.testing.assert_close(
         feats.moment_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
     )
-
