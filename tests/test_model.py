@@ -255,3 +255,58 @@ def test_pulse_with_all_zero_normalized_features_keeps_gradients_tame(d_model: i
     )
     # Below the stability table's warning threshold (train.grad_norm_warn = 1e3).
     assert total < 1e3, f"pre-clip gradient norm {total:.3g}"
+
+
+def test_moment_readout_starts_at_zero_so_the_untrained_model_is_the_head_alone() -> None:
+    model = make_model()
+    batch = make_batch(EVENT_DOM_LENGTHS)
+    assert torch.equal(model.moment_readout.weight, torch.zeros(3, 3))
+    with torch.no_grad():
+        raw = model.head(model.forward_features(batch).pooled)  # (B, 4)
+        head_only = torch.nn.functional.normalize(raw[:, :3], dim=-1)
+        out = model(batch)
+    torch.testing.assert_close(out.direction, head_only, atol=1e-6, rtol=0)
+
+
+def track_event(came_from: torch.Tensor, spacing_m: float = 30.0) -> DomBatch:
+    """One muon event: 7 single-pulse DOMs on the track, hit as the muon passes them.
+
+    The muon travels along ``-came_from`` at 0.3 m/ns; DOM ``k`` sits ``k * spacing_m`` along
+    the track and is hit at ``1e4 ns + k * spacing_m / 0.3``; equal charges, no auxiliary hits.
+    """
+    k = torch.arange(-3, 4, dtype=torch.float32)  # (7,)
+    xyz = -came_from[None, :] * (k * spacing_m)[:, None]  # (7, 3) m
+    time = 1e4 + k * spacing_m / 0.3  # (7,) ns
+    pulses = torch.stack([time, torch.full_like(time, 2.0), torch.zeros_like(time)], dim=-1)
+    return DomBatch(
+        pulses=pulses,
+        cu_pulses=torch.arange(8),
+        dom_xyz=xyz,
+        sensor_id=torch.arange(7),
+        cu_doms=torch.tensor([0, 7]),
+        event_id=torch.zeros(1, dtype=torch.long),
+        direction=came_from[None, :],
+    )
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_moment_direction_points_where_the_muon_came_from(normalize: bool) -> None:
+    # With the readout dominating the head, the prediction is the moment direction: for a
+    # straight track it is the true origin direction (the sign the metric needs).
+    came_from = torch.nn.functional.normalize(torch.tensor([0.3, -0.5, 0.8]), dim=0)
+    model = make_model(normalize=normalize)
+    with torch.no_grad():
+        model.moment_readout.weight.copy_(100.0 * torch.eye(3))
+        out = model(track_event(came_from))
+    assert angular_distance(out.direction, came_from[None, :]).item() < 2e-3
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_moment_direction_is_unit_length_whatever_the_input_scale(normalize: bool) -> None:
+    # Raw moments reach ~1e6 m ns with normalize=false; the readout sees only their direction,
+    # so it adds no raw-scale path. A one-DOM event (the second) has no moment: zero vector.
+    with torch.no_grad():
+        feats = make_model(normalize=normalize).forward_features(make_batch(EVENT_DOM_LENGTHS))
+    torch.testing.assert_close(
+        feats.moment_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
+    )
