@@ -116,6 +116,27 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _check_finite_floats(path: Path, pf: pq.ParquetFile) -> None:
+    """Non-finite time or charge values, reported before dtypes (a float column full of NaN
+    is the more specific problem)."""
+    schema = pf.schema_arrow
+    for col in ("time", "charge"):
+        if col in schema.names and pa.types.is_floating(schema.field(col).type):
+            try:
+                values = pf.read(columns=[col]).column(col).to_numpy()
+            except (pa.ArrowInvalid, OSError) as err:
+                raise DatasetError(
+                    f"{path}: failed to read column '{col}' ({err}); the file may be corrupt."
+                ) from err
+            bad = ~np.isfinite(values)
+            if np.any(bad):
+                i = _first_bad(bad)
+                raise DatasetError(
+                    f"{path}: column '{col}' has a non-finite value ({values[i]}) at row {i} "
+                    f"({int(bad.sum())} such rows). Fix the file or drop those events."
+                )
+
+
 class KaggleDataset:
     """A validated Kaggle-layout dataset folder.
 
@@ -248,29 +269,33 @@ class KaggleDataset:
             total += rows
         return total
 
+    def _check_sensor_and_charge(self, path: Path, cols: dict[str, np.ndarray]) -> None:
+        """Sensor ids inside the geometry and positive finite charges, or an error naming the
+        row and event."""
+        ev, sensor, charge = cols["event_id"], cols["sensor_id"], cols["charge"]
+        bad = (sensor < 0) | (sensor >= self.num_sensors)
+        if np.any(bad):
+            i = _first_bad(bad)
+            raise DatasetError(
+                f"{path}: column 'sensor_id' value {sensor[i]} at row {i} (event {ev[i]}) is "
+                f"outside "
+                f"the geometry (0..{self.num_sensors - 1} in {self.root / GEOMETRY_FILE})."
+            )
+        bad = ~np.isfinite(charge) | (charge <= 0)
+        if np.any(bad):
+            i = _first_bad(bad)
+            raise DatasetError(
+                f"{path}: column 'charge' value {charge[i]} at row {i} (event {ev[i]}) is not a "
+                f"positive finite charge in p.e. Fix the file or drop that event."
+            )
+
     def read_batch(self, batch_id: int) -> BatchFile:
         """Read and fully validate one batch file."""
         path = self.batch_path(batch_id)
         meta = self.meta(batch_id)
         pf = _open_parquet(path)
         schema = pf.schema_arrow
-        # Non-finite values are reported before dtypes: a float column full of NaN is the
-        # more specific problem.
-        for col in ("time", "charge"):
-            if col in schema.names and pa.types.is_floating(schema.field(col).type):
-                try:
-                    values = pf.read(columns=[col]).column(col).to_numpy()
-                except (pa.ArrowInvalid, OSError) as err:
-                    raise DatasetError(
-                        f"{path}: failed to read column '{col}' ({err}); the file may be corrupt."
-                    ) from err
-                bad = ~np.isfinite(values)
-                if np.any(bad):
-                    i = _first_bad(bad)
-                    raise DatasetError(
-                        f"{path}: column '{col}' has a non-finite value ({values[i]}) at row {i} "
-                        f"({int(bad.sum())} such rows). Fix the file or drop those events."
-                    )
+        _check_finite_floats(path, pf)
         _check_columns(path, schema, PULSE_SCHEMA)
         try:
             table = pf.read(columns=list(PULSE_SCHEMA))
@@ -314,29 +339,13 @@ class KaggleDataset:
                 f"{time[i]} ns); rows of an event must be time-ordered. Sort each event's rows "
                 f"by time and rewrite the file."
             )
-        sensor = cols["sensor_id"]
-        bad = (sensor < 0) | (sensor >= self.num_sensors)
-        if np.any(bad):
-            i = _first_bad(bad)
-            raise DatasetError(
-                f"{path}: column 'sensor_id' value {sensor[i]} at row {i} (event {ev[i]}) is "
-                f"outside "
-                f"the geometry (0..{self.num_sensors - 1} in {self.root / GEOMETRY_FILE})."
-            )
-        charge = cols["charge"]
-        bad = ~np.isfinite(charge) | (charge <= 0)
-        if np.any(bad):
-            i = _first_bad(bad)
-            raise DatasetError(
-                f"{path}: column 'charge' value {charge[i]} at row {i} (event {ev[i]}) is not a "
-                f"positive finite charge in p.e. Fix the file or drop that event."
-            )
+        self._check_sensor_and_charge(path, cols)
         return BatchFile(
             batch_id=batch_id,
             path=path,
-            sensor_id=sensor,
+            sensor_id=cols["sensor_id"],
             time=time,
-            charge=charge,
+            charge=cols["charge"],
             auxiliary=cols["auxiliary"],
             event_id=event_id,
             first_pulse_index=first,

@@ -177,6 +177,20 @@ def select_hits(
     return rows, cu
 
 
+def _select_events(
+    meta: pd.DataFrame, meta_path: Path, max_events: int | None, batch_ids: Sequence[int] | None
+) -> pd.DataFrame:
+    """The events to score, in file order: of ``batch_ids`` only (when given), at most
+    ``max_events``."""
+    meta = meta.sort_values(["batch_id", "first_pulse_index"], kind="stable")
+    if batch_ids is not None:
+        missing = sorted(set(batch_ids) - set(meta["batch_id"].unique()))
+        if missing:
+            raise ValueError(f"{meta_path} has no events of batch_id {missing}")
+        meta = meta[meta["batch_id"].isin(list(batch_ids))]
+    return meta if max_events is None else meta.iloc[:max_events]
+
+
 def line_fit_dataset(
     data_dir: str | Path,
     max_events: int | None = None,
@@ -211,14 +225,7 @@ def line_fit_dataset(
             f"{meta_path} has no azimuth/zenith columns (test metadata?); the line fit can only "
             "be scored on training data with true angles"
         )
-    meta = meta.sort_values(["batch_id", "first_pulse_index"], kind="stable")
-    if batch_ids is not None:
-        missing = sorted(set(batch_ids) - set(meta["batch_id"].unique()))
-        if missing:
-            raise ValueError(f"{meta_path} has no events of batch_id {missing}")
-        meta = meta[meta["batch_id"].isin(list(batch_ids))]
-    if max_events is not None:
-        meta = meta.iloc[:max_events]
+    meta = _select_events(meta, meta_path, max_events, batch_ids)
 
     start = time.perf_counter()
     errors: list[np.ndarray] = []

@@ -74,6 +74,28 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
 
 
+def _brightest_doms(
+    dom_charge: np.ndarray, dom_event: np.ndarray, doms_per_event: np.ndarray, cap: int
+) -> np.ndarray:
+    """(D,) bool: the ``cap`` brightest DOMs of each event (DOMs grouped by event)."""
+    by_brightness = np.lexsort((-dom_charge, dom_event))  # event-major, brightest first
+    first_dom = np.cumsum(doms_per_event) - doms_per_event
+    rank_in_event = np.empty(len(dom_charge), dtype=np.int64)
+    rank_in_event[by_brightness] = np.arange(len(dom_charge)) - np.repeat(first_dom, doms_per_event)
+    return rank_in_event < cap
+
+
+def _directions(part: BatchFile, events: np.ndarray) -> torch.Tensor | None:
+    """(B, 3) float32 unit vectors of the events' true directions; None without angles."""
+    if part.azimuth is None or part.zenith is None:
+        return None
+    az, zen = part.azimuth[events], part.zenith[events]
+    sz = np.sin(zen)
+    return torch.from_numpy(
+        np.stack([np.cos(az) * sz, np.sin(az) * sz, np.cos(zen)], axis=1).astype(np.float32)
+    )
+
+
 def assemble_batch(
     part: BatchFile,
     events: np.ndarray,
@@ -108,13 +130,7 @@ def assemble_batch(
     if doms_per_event.max(initial=0) > trunc.max_doms_per_event:
         # Keep the brightest DOMs of over-full events (charge of the pulses kept so far).
         dom_charge = np.add.reduceat(np.where(keep, part.charge[rows], 0.0), dom_start)
-        by_brightness = np.lexsort((-dom_charge, dom_event))  # event-major, brightest first
-        first_dom = np.cumsum(doms_per_event) - doms_per_event
-        rank_in_event = np.empty(len(dom_start), dtype=np.int64)
-        rank_in_event[by_brightness] = np.arange(len(dom_start)) - np.repeat(
-            first_dom, doms_per_event
-        )
-        keep_dom = rank_in_event < trunc.max_doms_per_event
+        keep_dom = _brightest_doms(dom_charge, dom_event, doms_per_event, trunc.max_doms_per_event)
         dropped_doms = int((~keep_dom).sum())
         keep &= keep_dom[dom_of_pulse]
     if not keep.all():
@@ -134,13 +150,7 @@ def assemble_batch(
     cu_pulses[-1] = len(rows)
     cu_doms = np.zeros(n_events + 1, dtype=np.int64)
     np.cumsum(doms_per_event, out=cu_doms[1:])
-    direction = None
-    if part.azimuth is not None and part.zenith is not None:
-        az, zen = part.azimuth[events], part.zenith[events]
-        sz = np.sin(zen)
-        direction = torch.from_numpy(
-            np.stack([np.cos(az) * sz, np.sin(az) * sz, np.cos(zen)], axis=1).astype(np.float32)
-        )
+    direction = _directions(part, events)
     if stats is not None:
         stats.events += n_events
         stats.pulses_in += int(n_raw.sum())
