@@ -71,6 +71,18 @@ class Column:
     shown: bool = True
     """Printed in the Markdown table (all columns are in the JSON)."""
 
+    @property
+    def key(self) -> str:
+        """``original-raw``, ``original-norm``, ``iceaggr-raw``, ``iceaggr-norm``."""
+        return f"{self.arch}-{'norm' if self.normalize else 'raw'}"
+
+    @classmethod
+    def by_key(cls, key: str) -> Column:
+        for col in COLUMNS:
+            if col.key == key:
+                return col
+        raise ValueError(f"unknown table column {key!r}; choose from {[c.key for c in COLUMNS]}")
+
 
 COLUMNS: tuple[Column, ...] = (
     Column("original", False, "Before Normalization"),

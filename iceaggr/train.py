@@ -113,6 +113,15 @@ class TrainResult:
     """Largest finite pre-clip gradient norm of a single parameter over the run."""
     max_param_grad_name: str | None = None
     """The parameter (``named_parameters`` name) that had it."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of this process outside the training steps: ``setup_s`` (dataset open,
+    loaders, model, optimizer, input audit), ``held_out_s`` (the fixed held-out set, read and
+    scored before and after), ``validation_s``, ``checkpoint_s`` and ``report_s`` (hooks at
+    reports: MLflow, Ray Train reports, early stopping)."""
+
+    def add_time(self, key: str, since: float) -> None:
+        """Add the ``time.perf_counter()`` seconds elapsed ``since`` to ``timings[key]``."""
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - since
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -422,6 +431,7 @@ class Trainer:
         track_fixed_batch: bool = False,
         build_data: bool = True,
     ) -> None:
+        t_setup = time.perf_counter()
         tc = cfg.train
         self.cfg, self.rank, self.world_size, self.hooks = cfg, rank, world_size, list(hooks)
         self.device = torch.device(device) if device is not None else resolve_device(tc.device)
@@ -462,8 +472,11 @@ class Trainer:
         self._fixed_initial: torch.Tensor | None = None  # (N,) per-event losses before step 1
         if build_data:
             self._batches = self._audited_batches()
+        self.result.add_time("setup_s", t_setup)
         if track_fixed_batch:
+            t_held_out = time.perf_counter()
             self._track_fixed_batch()
+            self.result.add_time("held_out_s", t_held_out)
 
     # ------------------------------------------------------------------ building
 
@@ -668,13 +681,18 @@ class Trainer:
             "events_truncated": float(stats.events_truncated),
             "pulses_dropped": float(stats.pulses_in - stats.pulses_kept),
         }
-        if self.val_loader is not None and (
-            (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps
-        ):
+        last = step == tc.max_steps and not self._held_out_is_validation()
+        if self.val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
+            t0 = time.perf_counter()
             metrics["val_angle"] = self.result.val_angle = self.evaluate()
+            self.result.add_time("validation_s", t0)
         self.result.history.append({"step": float(step), **metrics})
+        t0 = time.perf_counter()
         checkpoint = self._checkpoint(step)
+        self.result.add_time("checkpoint_s", t0)
+        t0 = time.perf_counter()
         stop = [hook.on_report(metrics, step, checkpoint) for hook in self.hooks]
+        self.result.add_time("report_s", t0)
         if any(stop) and step < tc.max_steps:
             self.result.steps = step
             self.result.stopped_early = True
@@ -740,6 +758,12 @@ class Trainer:
         """Mean training loss of the fixed held-out set (see :meth:`fixed_set_losses`)."""
         return float(self.fixed_set_losses().mean())
 
+    def _held_out_is_validation(self) -> bool:
+        """The fixed held-out set holds every validation event this run scores (one process)
+        and its loss is the angular error: the last step's validation is its final score."""
+        angular = self.cfg.train.loss == "angular"
+        return bool(self.fixed_batches) and not self.distributed and angular
+
     def _finish(self) -> TrainResult:
         r, tc = self.result, self.cfg.train
         r.max_grad_norm = self.guard.max_grad_norm
@@ -748,7 +772,11 @@ class Trainer:
         n_steps = r.steps - self.start_step
         r.events_per_s = n_steps * tc.batch_size * self.world_size / max(1e-9, r.train_seconds)
         if self.fixed_batches and r.diverged is None:
+            t0 = time.perf_counter()
             final = self.fixed_set_losses()
+            r.add_time("held_out_s", t0)
+            if self._held_out_is_validation() and r.steps == tc.max_steps:
+                r.val_angle = float(final.mean())  # the last validation, scored once
             r.fixed_batch_loss_final = float(final.mean())
             if self._fixed_initial is not None and final.numel() > 1:
                 change = final - self._fixed_initial  # (N,) paired per-event changes

@@ -181,7 +181,9 @@ def _argument(tp: Any, value: Any, metavar: str) -> dict[str, Any]:
     turns the parsed value into the field's type, where that differs)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     kw: dict[str, Any] = {"default": value, "metavar": metavar}
-    if tp is bool:
+    if tp is bool and value is None:  # unset until a flag says: --x / --no-x
+        kw = {"default": None, "action": argparse.BooleanOptionalAction}
+    elif tp is bool:
         kw = {"default": value, "action": "store_true"}
     elif tp in (int, float, str):
         kw["type"] = tp

@@ -25,6 +25,43 @@ ASHA_REDUCTION_FACTOR = 2
 """At each rung only the best half of the trials recorded so far continue."""
 
 
+@dataclass(frozen=True)
+class ResourcePreset:
+    """Defaults that depend on where trials train; an explicit flag always wins."""
+
+    search_steps: int
+    search_batch_size: int
+    report_every: int
+    table_seeds: int
+    table_hidden_columns: bool
+
+
+CPU_PRESET = ResourcePreset(
+    search_steps=150,
+    search_batch_size=64,
+    report_every=25,
+    table_seeds=1,
+    table_hidden_columns=False,
+)
+"""Trials on CPUs (the laptop default): this project's model (d_model 128) at lr ~1e-3 and
+batch 64 reaches ~1.25 rad on the synthetic validation events in ~100 steps on one core
+(``benchmarks/learning.py``); the first early-stopping rung (2 reports, step 50) comes once it
+has left the flat start, and the whole sweep fits a 2-core machine."""
+GPU_PRESET = ResourcePreset(
+    search_steps=300,
+    search_batch_size=256,
+    report_every=50,
+    table_seeds=3,
+    table_hidden_columns=True,
+)
+"""Trials on GPUs: the baseline batch (256), twice the steps, three seeds per table cell and
+every column of the table."""
+
+
+def preset_for(use_gpu: bool) -> ResourcePreset:
+    return GPU_PRESET if use_gpu else CPU_PRESET
+
+
 def _require(obj: Any, low: float, *names: str, strict: bool = False) -> None:
     """Each named field of ``obj`` must be >= ``low`` (> ``low`` when ``strict``)."""
     for name in names:
@@ -122,6 +159,9 @@ class TableOptions:
     )
     """Networks of the table's columns: the original project's (before/after normalization)
     and this project's (raw inputs shown; normalized in the JSON)."""
+    hidden_columns: bool | None = field(default=None, metadata={FLAG: "table-hidden-columns"})
+    """Also run the columns only the JSON holds (this project's model with normalized inputs);
+    default: on GPUs yes, on CPUs no (the CPU main job's time budget)."""
     seeds: int | None = field(default=None, metadata={FLAG: "table-seeds"})
     """Seeds per cell (fresh weights, own batch order; the cell shows the worst); default: 1
     when trials train on CPUs, 3 on GPUs."""
@@ -141,7 +181,7 @@ class TableOptions:
     def seeds_for(self, use_gpu: bool) -> int:
         """The seeds per cell: as given, else 3 when trials train on GPUs and 1 on CPUs (the
         CPU main job's time budget)."""
-        return self.seeds if self.seeds is not None else (3 if use_gpu else 1)
+        return self.seeds if self.seeds is not None else preset_for(use_gpu).table_seeds
 
 
 @dataclass(kw_only=True)
@@ -150,13 +190,14 @@ class SearchOptions:
 
     trials: int = 8
     """Optuna trials."""
-    steps: int = 60
-    """Training steps per search trial."""
-    batch_size: int = field(default=64, metadata={FLAG: "search-batch-size"})
-    """Events per batch of a search step."""
-    lr_min: float = 1e-5
+    steps: int | None = None
+    """Training steps per search trial; default: 150 when trials train on CPUs, 300 on
+    GPUs."""
+    batch_size: int | None = field(default=None, metadata={FLAG: "search-batch-size"})
+    """Events per batch of a search step; default: 64 on CPUs, 256 (the baseline's) on GPUs."""
+    lr_min: float = 3e-5
     """Lowest learning rate searched (log-uniform)."""
-    lr_max: float = 1e-3
+    lr_max: float = 3e-3
     """Highest learning rate searched."""
     dropout_min: float = 0.0
     """Lowest dropout searched (uniform)."""
@@ -167,7 +208,8 @@ class SearchOptions:
     read them)."""
 
     def __post_init__(self) -> None:
-        _require(self, 1, "trials", "steps", "batch_size", "val_events")
+        _require(self, 1, "trials", "val_events")
+        _require(self, 1, *(n for n in ("steps", "batch_size") if getattr(self, n) is not None))
         if not 0 < self.lr_min < self.lr_max:
             raise OptionError(
                 ("lr_min", "lr_max"), f"need 0 < lr_min < lr_max, got {self.lr_min}, {self.lr_max}"
@@ -184,16 +226,19 @@ class SearchOptions:
 class EarlyStopOptions:
     """Reports and early stopping: each report of a search trial is a rung of ASHA."""
 
-    report_every: int = 10
+    report_every: int | None = None
     """Steps between reports to Tune (each waits for Ray Train's poll; a search trial's report
-    carries a validation and a checkpoint)."""
+    carries a validation and a checkpoint); default: 25 when trials train on CPUs, 50 on
+    GPUs."""
     grace_reports: int = 2
     """Reports every search trial makes before early stopping may end it."""
     reduction_factor: int = ASHA_REDUCTION_FACTOR
     """At each rung only the best 1/reduction_factor of the trials recorded so far continue."""
 
     def __post_init__(self) -> None:
-        _require(self, 1, "report_every", "grace_reports")
+        _require(self, 1, "grace_reports")
+        if self.report_every is not None:
+            _require(self, 1, "report_every")
         _require(self, 2, "reduction_factor")
 
 
@@ -258,6 +303,24 @@ class SweepOptions:
             search=SearchOptions(trials=2, steps=6, batch_size=32, val_events=64),
             early_stop=EarlyStopOptions(report_every=3, grace_reports=1),
         )
+
+    def resolved(self) -> SweepOptions:
+        """A copy with every resource-dependent default (None) filled in from
+        :func:`preset_for` the trials' resources (CPU or GPU)."""
+        preset = preset_for(self.resources.use_gpu)
+        defaults = {
+            "search.steps": preset.search_steps,
+            "search.batch_size": preset.search_batch_size,
+            "early_stop.report_every": preset.report_every,
+            "table.seeds": preset.table_seeds,
+            "table.hidden_columns": preset.table_hidden_columns,
+        }
+        changes = {}
+        for key, value in defaults.items():
+            group, name = key.split(".")
+            if getattr(getattr(self, group), name) is None:
+                changes[key] = value
+        return self.changed(changes)
 
     def changed(self, changes: Mapping[str, Any]) -> SweepOptions:
         """A validated copy with ``{"name": "x", "search.trials": 2}``-style changes."""

@@ -43,7 +43,7 @@ from iceaggr.config import (
     load_config,
     to_dict,
 )
-from iceaggr.probe import CELL_METRIC, Cell, write_table
+from iceaggr.probe import CELL_METRIC, COLUMNS, Cell, Column, write_table
 from iceaggr.tracking import (
     RunLogger,
     absolute_tracking_uri,
@@ -350,16 +350,15 @@ def _unfinished(results: Any, expected: int) -> int:
 
 
 def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root: str):
-    """The stability table: one trial per (learning rate, network, normalization, seed) cell,
-    each built by :func:`iceaggr.probe.probe_config` in the trial and classified where it
-    trained."""
+    """The stability table: one trial per (learning rate, column, seed) cell, a column being a
+    network and its normalization, each built by :func:`iceaggr.probe.probe_config` in the
+    trial and classified where it trained."""
     from ray import tune
 
     settings = _settings(opts, base, "table", parent, tune_root)
     space = {
         "lr": tune.grid_search(list(opts.table.lrs)),
-        "arch": tune.grid_search(list(opts.table.models)),
-        "normalize": tune.grid_search([False, True]),
+        "column": tune.grid_search([c.key for c in table_columns(opts)]),
         "seed": tune.grid_search(list(range(table_seeds(opts)))),
     }
     results = fit_part("table", settings, opts, tune_root, space)
@@ -370,9 +369,17 @@ def table_seeds(opts: SweepOptions) -> int:
     return opts.table.seeds_for(opts.resources.use_gpu)
 
 
+def table_columns(opts: SweepOptions) -> list[Column]:
+    """The table's columns for ``opts``: those of its networks, the JSON-only ones when
+    ``table.hidden_columns`` (default: on GPUs)."""
+    t = opts.table
+    hidden = t.hidden_columns if t.hidden_columns is not None else opts.resources.use_gpu
+    return [c for c in COLUMNS if c.arch in t.models and (c.shown or hidden)]
+
+
 def table_trials(opts: SweepOptions) -> int:
-    """Trials of the table: learning rates x networks x normalization off/on x seeds."""
-    return len(opts.table.lrs) * len(opts.table.models) * 2 * table_seeds(opts)
+    """Trials of the table: learning rates x columns x seeds."""
+    return len(opts.table.lrs) * len(table_columns(opts)) * table_seeds(opts)
 
 
 def table_cells(results: Any) -> list[Cell]:
@@ -401,14 +408,20 @@ def search_config(base: ExperimentConfig, search: SearchOptions, early: EarlySto
     return cfg
 
 
-def warm_start(table: list[Cell] | None, search: SearchOptions):
-    """Optuna's first points: the table's two best normalized learning rates; exploded ones
-    are told to Optuna as penalized points so TPE avoids their region from the start."""
+def warm_start(table: list[Cell] | None, search: SearchOptions, arch: str):
+    """Optuna's first points: the two best learning rates of the table's normalized column of
+    the searched network ``arch`` (the original network's cells say nothing about ours);
+    exploded ones are told to Optuna as penalized points so TPE avoids their region from the
+    start."""
     from iceaggr_tune.trial import DIVERGED_PENALTY
 
     points: list[dict[str, float]] = []
     evaluated: list[dict[str, float]] = []
-    norm = [c for c in table or [] if c.normalize and search.lr_min <= c.lr <= search.lr_max]
+    norm = [
+        c
+        for c in table or []
+        if c.model == arch and c.normalize and search.lr_min <= c.lr <= search.lr_max
+    ]
     good = sorted((c for c in norm if c.status in ("ok", "warn")), key=lambda c: c.loss_change)
     for c in good[:2]:
         points.append({"lr": c.lr, "dropout": search.dropout_min})
@@ -418,7 +431,7 @@ def warm_start(table: list[Cell] | None, search: SearchOptions):
     return points, evaluated, [DIVERGED_PENALTY] * len(evaluated)
 
 
-def optuna_searcher(opts: SweepOptions, sweep_dir: Path, table: list[Cell] | None):
+def optuna_searcher(opts: SweepOptions, sweep_dir: Path, table: list[Cell] | None, arch: str):
     """TPE in a sqlite study next to the sweep (inspect it with optuna-dashboard or
     ``optuna.load_study``; it survives a restored Tuner), warm-started from the table."""
     import optuna
@@ -426,7 +439,7 @@ def optuna_searcher(opts: SweepOptions, sweep_dir: Path, table: list[Cell] | Non
 
     from iceaggr_tune.trial import METRIC, MODE
 
-    points, evaluated, rewards = warm_start(table, opts.search)
+    points, evaluated, rewards = warm_start(table, opts.search, arch)
     return OptunaSearch(
         metric=METRIC,
         mode=MODE,
@@ -470,7 +483,7 @@ def run_search(
     n_reports = max(1, opts.search.steps // opts.early_stop.report_every)
     settings.board = f"asha-{sweep_dir.name}-{uuid.uuid4().hex[:8]}"
     with early_stop_board(settings.board, opts.early_stop, n_reports):
-        searcher = optuna_searcher(opts, sweep_dir, table)
+        searcher = optuna_searcher(opts, sweep_dir, table, cfg.model.arch)
         space = {
             "lr": tune.loguniform(opts.search.lr_min, opts.search.lr_max),
             "dropout": tune.uniform(opts.search.dropout_min, opts.search.dropout_max),
@@ -530,23 +543,56 @@ def _finite_or_none(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+OVERHEAD_PARTS: dict[str, str] = {
+    "t_driver_setup_s": "MLflow run and config",
+    "t_worker_start_s": "Ray worker-group start",
+    "t_setup_s": "data, model, optimizer",
+    "t_held_out_s": "held-out set",
+    "t_validation_s": "validation",
+    "t_checkpoint_s": "checkpoints",
+    "t_report_s": "reports (MLflow, Ray, early stop)",
+}
+"""Where a trial's time outside the training steps goes: the metrics its last report carries
+(:func:`iceaggr_tune.trial.train_fn_per_worker`) and their labels."""
+
+
 def trial_overhead(results: Any) -> dict[str, float]:
-    """Per-trial wall time minus time inside training steps (Ray + set-up overhead)."""
-    walls, trains = [], []
-    for r in results:
-        m = r.metrics or {}
-        if m.get("completed") and "time_total_s" in m and "train_seconds" in m:
-            walls.append(float(m["time_total_s"]))
-            trains.append(float(m["train_seconds"]))
-    if not walls:
+    """Per-trial wall time (Tune's ``time_total_s``) minus time inside training steps, with the
+    mean of each part of :data:`OVERHEAD_PARTS`; ``rest_s`` is what none of them holds (Ray
+    Train's controller and worker shutdown, Tune's bookkeeping, the last report's wait)."""
+    rows = [
+        r.metrics
+        for r in results
+        if r.metrics
+        and r.metrics.get("completed")
+        and "time_total_s" in r.metrics
+        and "train_seconds" in r.metrics
+    ]
+    if not rows:
         return {}
-    over = [w - t for w, t in zip(walls, trains, strict=True)]
-    return {
-        "trials": float(len(walls)),
-        "mean_trial_wall_s": sum(walls) / len(walls),
-        "mean_train_step_s": sum(trains) / len(trains),
-        "mean_overhead_s": sum(over) / len(over),
+
+    def mean(key: str) -> float:
+        return sum(float(m.get(key, 0.0)) for m in rows) / len(rows)
+
+    wall, train = mean("time_total_s"), mean("train_seconds")
+    out = {
+        "trials": float(len(rows)),
+        "mean_trial_wall_s": wall,
+        "mean_train_step_s": train,
+        "mean_overhead_s": wall - train,
     }
+    parts = {key: mean(key) for key in OVERHEAD_PARTS}
+    out |= parts
+    # The worker's own time outside steps and the parts above are disjoint by construction.
+    inside_worker = (
+        mean("t_worker_s")
+        - train
+        - sum(v for k, v in parts.items() if k not in ("t_driver_setup_s", "t_worker_start_s"))
+    )
+    out["t_worker_other_s"] = inside_worker
+    started = parts["t_driver_setup_s"] + parts["t_worker_start_s"]
+    out["rest_s"] = wall - started - mean("t_worker_s")
+    return out
 
 
 # ---------------------------------------------------------------- entry point
@@ -557,6 +603,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     from iceaggr_tune import mlflow_runs
 
     t0 = time.time()
+    opts = opts.resolved()  # CPU or GPU defaults (search steps and batch, reports, seeds)
     opts.tracking.uri = absolute_tracking_uri(opts.tracking.uri)
     name, sweep_dir, tune_root = sweep_place(opts)
     base = base_experiment(opts)  # a bad --config or --set fails here, before data and Ray

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from iceaggr.config import ExperimentConfig, from_dict, to_dict
 from iceaggr.hooks import Hook
-from iceaggr.probe import cell_from_result, probe_config
+from iceaggr.probe import Column, cell_from_result, probe_config
 from iceaggr.tracking import TAG_DIVERGED, MlflowHook, RunLogger
 from iceaggr.train import CHECKPOINT_NAME, DivergenceReport, train
 from iceaggr_tune import mlflow_runs
@@ -78,10 +79,10 @@ def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentC
     if settings.part == "table":
         if settings.table is None:
             raise ValueError("a table trial needs TrialSettings.table (steps and batch size)")
-        t = settings.table
+        t, col = settings.table, Column.by_key(str(hp["column"]))
         cfg = probe_config(
-            cfg, float(hp["lr"]), bool(hp["normalize"]), t.steps, t.batch_size,
-            arch=str(hp["arch"]), seed=cfg.train.seed + int(hp["seed"]),
+            cfg, float(hp["lr"]), col.normalize, t.steps, t.batch_size,
+            arch=col.arch, seed=cfg.train.seed + int(hp["seed"]),
             eval_events=t.eval_events,
         )  # fmt: skip
     else:
@@ -133,6 +134,7 @@ class TuneReportHook(Hook):
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: the iceaggr trainer with Ray's rank, device and checkpoints."""
+    t_worker = time.time()
     cfg = from_dict(ExperimentConfig, config["experiment"], "trial config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -174,6 +176,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "max_grad_norm": result.max_grad_norm,
             "completed": 1.0,
             "stopped_early": float(result.stopped_early),
+            # Where the trial's time went (seconds; see TrainResult.timings and trial_driver).
+            "t_driver_setup_s": float(config.get("driver_setup_s", 0.0)),
+            "t_worker_start_s": t_worker - float(config.get("fit_start", t_worker)),
+            **{f"t_{k}": v for k, v in result.timings.items()},
+            "t_worker_s": time.time() - t_worker,
         }
         if result.diverged is not None:
             summary |= {
@@ -194,15 +201,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def run_name(trial_id: str, hp: dict[str, Any]) -> str:
-    if "arch" in hp:  # a table cell
-        norm = "norm" if hp["normalize"] else "raw"
-        return f"{trial_id}-{hp['arch']}-lr{float(hp['lr']):.0e}-{norm}-seed{int(hp['seed'])}"
+    if "column" in hp:  # a table cell
+        col = Column.by_key(str(hp["column"]))
+        norm = "norm" if col.normalize else "raw"
+        return f"{trial_id}-{col.arch}-lr{float(hp['lr']):.0e}-{norm}-seed{int(hp['seed'])}"
     norm = "" if "normalize" not in hp else ("-norm" if hp["normalize"] else "-raw")
     return f"{trial_id}-lr{float(hp['lr']):.1e}-do{float(hp.get('dropout', 0.0)):.2f}{norm}"
 
 
 def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
     """The Tune function trainable of one trial."""
+    t_trial = time.time()
     cfg = trial_experiment(settings, hp)  # fails here, before any worker starts
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trial_id = ray.tune.get_context().get_trial_id()
@@ -238,9 +247,12 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
     resources: dict[str, float] = {"CPU": res.cpus_per_worker, **res.worker_resources}
     if res.use_gpu:
         resources["GPU"] = res.gpus_per_worker
+    fit_start = time.time()  # workers measure their start-up from here (same clock on one node)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
+            "driver_setup_s": fit_start - t_trial,
+            "fit_start": fit_start,
             "experiment": to_dict(cfg),
             "mlflow_run_id": run_id,
             "report_every": settings.report_every,

@@ -132,6 +132,16 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
     assert optuna.trial.TrialState.RUNNING not in states
     assert result.best is not None and 0 < result.best["val_angle"] < 3.2
 
+    # Where the trials' time went, measured in the trials: the worker group's start, the
+    # worker's set-up, the held-out set (table cells), validation and checkpoints (search).
+    table_time, search_time = result.overhead["table"], result.overhead["search"]
+    for over in (table_time, search_time):
+        assert over["t_worker_start_s"] > 0 and over["t_setup_s"] > 0
+        assert over["t_worker_start_s"] + over["t_setup_s"] < over["mean_overhead_s"]
+        assert over["rest_s"] >= 0 and over["t_worker_other_s"] > -0.5, over
+    assert table_time["t_held_out_s"] > 0 and table_time["t_validation_s"] == 0
+    assert search_time["t_validation_s"] > 0 and search_time["t_checkpoint_s"] > 0
+
 
 def test_diverging_search_is_penalized_not_left_running(ray_local, sweep_data, tmp_path):
     # Every sampled lr is absurd: each trial must end diverged, penalized in Optuna.

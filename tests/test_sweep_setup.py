@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 
 from iceaggr.config import ConfigError, baseline_config, debug_config, to_dict
-from iceaggr.probe import probe_config
-from iceaggr_tune.options import TableOptions
+from iceaggr.probe import Cell, Column, probe_config
+from iceaggr_tune.options import SearchOptions, TableOptions
 from iceaggr_tune.sweep import (
     SWEEP_STATE,
     SweepError,
     SweepOptions,
     base_experiment,
     read_sweep_state,
+    table_columns,
+    table_trials,
+    warm_start,
     write_sweep_state,
 )
 from iceaggr_tune.trial import TrialSettings, trial_experiment
@@ -71,7 +74,7 @@ def test_a_table_trial_trains_exactly_the_probe_cell(normalize: bool) -> None:
         resources=SweepOptions().resources,
         table=table,
     )
-    hp = {"lr": 3e-4, "normalize": normalize, "arch": "original", "seed": 2}
+    hp = {"lr": 3e-4, "column": "original-norm" if normalize else "original-raw", "seed": 2}
     cfg = trial_experiment(settings, hp)
     expected = probe_config(
         base, 3e-4, normalize, steps=7, batch_size=48, arch="original", seed=base.train.seed + 2
@@ -116,3 +119,44 @@ def test_resume_without_credentials_uses_the_recorded_uri(tmp_path: Path) -> Non
     recorded = "http://127.0.0.1:5000"
     write_sweep_state(tmp_path, "parent-2", SweepOptions().changed({"tracking.uri": recorded}))
     assert read_sweep_state(tmp_path, "sqlite:////elsewhere.db") == ("parent-2", recorded)
+
+
+# ---------------------------------------------------------------- Optuna's warm start
+
+
+def test_warm_start_takes_only_the_searched_networks_cells() -> None:
+    """The search trains this project's model: the original network's cells (another
+    network) must not seed it, and exploded cells of ours are told as penalized points."""
+
+    def cell(model: str, lr: float, status: str, change: float | None) -> Cell:
+        return Cell(
+            lr=lr, normalize=True, status=status, loss_change=change, loss_initial=None,
+            loss_final=None, max_grad_norm=1.0, model=model,
+        )  # fmt: skip
+
+    table = [
+        cell("original", 1e-4, "ok", -0.5),  # the best change overall, but another network
+        cell("iceaggr", 1e-4, "ok", -0.01),
+        cell("iceaggr", 3e-4, "ok", -0.03),
+        cell("iceaggr", 1e-3, "no_decrease", 0.02),
+        cell("iceaggr", 3e-3, "explodes", None),
+        cell("original", 3e-3, "explodes", None),
+    ]
+    search = SearchOptions(lr_min=3e-5, lr_max=3e-3)
+    points, evaluated, rewards = warm_start(table, search, "iceaggr")
+    assert [p["lr"] for p in points] == [3e-4, 1e-4]
+    assert [p["lr"] for p in evaluated] == [3e-3] and len(rewards) == 1
+    assert warm_start(table, search, "original")[0] == [{"lr": 1e-4, "dropout": 0.0}]
+
+
+def test_table_columns_follow_the_resources_unless_given() -> None:
+    keys = lambda opts: [c.key for c in table_columns(opts)]  # noqa: E731
+    cpu = SweepOptions()
+    assert keys(cpu) == ["original-raw", "original-norm", "iceaggr-raw"]
+    assert table_trials(cpu) == 5 * 3 * 1
+    gpu = cpu.changed({"resources.gpus_per_worker": 0.25})
+    assert keys(gpu)[-1] == "iceaggr-norm" and table_trials(gpu) == 5 * 4 * 3
+    assert keys(cpu.changed({"table.hidden_columns": True}))[-1] == "iceaggr-norm"
+    assert keys(gpu.changed({"table.models": ("original",)})) == ["original-raw", "original-norm"]
+    with pytest.raises(ValueError, match="unknown table column 'ours-raw'"):
+        Column.by_key("ours-raw")

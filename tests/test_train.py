@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import shutil
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,37 @@ def test_report_callback_can_stop_the_run_early(small_dataset: Path, tmp_path: P
         progress=False,
     )
     assert not last.stopped_early and last.steps == 6
+
+
+def test_time_outside_the_steps_is_accounted_by_part(small_dataset: Path, tmp_path: Path) -> None:
+    """``TrainResult.timings`` says where a run's time outside the steps went: a report hook
+    that takes 0.1 s per report shows up as 0.1 s per report in ``report_s``."""
+    cfg = make_cfg(
+        small_dataset, tmp_path, max_steps=6, log_every=2, eval_every=2, checkpoint_every=2
+    )
+    reports: list[int] = []
+
+    def slow(metrics: dict[str, float], step: int, ckpt: Path | None) -> bool:
+        reports.append(step)
+        time.sleep(0.1)
+        return False
+
+    result = train(cfg, report=slow, track_fixed_batch=True, progress=False)
+    t = result.timings
+    assert set(t) == {"setup_s", "held_out_s", "validation_s", "checkpoint_s", "report_s"}
+    assert reports == [2, 4, 6]
+    assert 0.3 <= t["report_s"] < 0.3 + 1.0
+    assert all(v > 0 for v in t.values()), t
+    # The held-out set is the validation events: its final score is the last validation's.
+    assert result.val_angle == pytest.approx(result.history[-1]["val_angle"], rel=1e-6)
+    # A run without checkpoints or a held-out set (validation at its last step only).
+    bare = train(
+        make_cfg(small_dataset, tmp_path / "bare", max_steps=2, log_every=1, eval_every=0,
+                 checkpoint_every=0),
+        progress=False,
+    )  # fmt: skip
+    assert "held_out_s" not in bare.timings and bare.timings["validation_s"] > 0
+    assert bare.timings["checkpoint_s"] < 0.05
 
 
 # ---------------------------------------------------------------- input audit

@@ -67,16 +67,27 @@ def print_result(opts: Any, result: Any) -> None:
         print(format_search_table(result.search_trials))
     for part, over in result.overhead.items():
         if over:
-            print(
-                f"\n{part}: {int(over['trials'])} trials, "
-                f"mean wall {over['mean_trial_wall_s']:.1f} s, "
-                f"in training steps {over['mean_train_step_s']:.1f} s, "
-                f"overhead {over['mean_overhead_s']:.1f} s per trial"
-            )
+            print(format_overhead(part, over))
     print(
         f"\nsweep {result.name}: {result.wall_seconds:.0f} s; "
         f"MLflow parent run {result.parent_run_id} at {redact_uri(opts.tracking.uri)}"
     )
+
+
+def format_overhead(part: str, over: dict[str, float]) -> str:
+    """One part's per-trial time: the wall, the training steps and where the rest went."""
+    from iceaggr_tune.sweep import OVERHEAD_PARTS
+
+    lines = [
+        f"\n{part}: {int(over['trials'])} trials, mean wall {over['mean_trial_wall_s']:.1f} s, "
+        f"in training steps {over['mean_train_step_s']:.1f} s, "
+        f"overhead {over['mean_overhead_s']:.1f} s per trial:"
+    ]
+    labels = {**OVERHEAD_PARTS, "t_worker_other_s": "other, in the worker", "rest_s": "Ray's end"}
+    for key, label in labels.items():
+        if key in over:
+            lines.append(f"  {label:<36} {over[key]:6.1f} s")
+    return "\n".join(lines)
 
 
 def write_json(path: str, result: Any) -> None:
