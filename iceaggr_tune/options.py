@@ -146,7 +146,8 @@ class TrackingOptions:
 
 @dataclass(kw_only=True)
 class TableOptions:
-    """Stability table: one trial per learning rate, network, normalization off/on and seed."""
+    """Stability table: one trial per learning rate, column (network and normalization) and
+    seed."""
 
     lrs: tuple[float, ...] = field(default=PROBE_LRS, metadata={FLAG: "table-lrs"})
     """Learning rates of the table's rows."""

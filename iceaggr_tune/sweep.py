@@ -7,12 +7,19 @@
 2. makes the synthetic dataset on first use (cached in ``--data``);
 3. opens the sweep's MLflow parent run (``sqlite:///mlflow.db`` unless
    ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` says otherwise);
-4. runs the **stability table**: 5 learning rates x normalization off/on under the
-   original protocol (20 steps, batch 256, AdamW, clip 1.0, angular loss), each
-   cell a Tune trial; prints it and saves Markdown + JSON + MLflow artifacts;
-5. runs the **Optuna search** (TPE) over learning rate and dropout of the
-   normalized model, warm-started with the table's best learning rate, with ASHA
-   stopping poor trials early; reports the best configuration.
+4. runs the **stability table**: 5 learning rates x columns (the original network
+   before/after normalization, this project's model raw, and normalized in the JSON
+   on GPUs or with ``--table-hidden-columns``) x seeds under the original protocol
+   (20 steps, batch 256, AdamW, clip 1.0, angular loss), each cell a Tune trial;
+   prints it and saves Markdown + JSON + PNG + MLflow artifacts;
+5. runs the **Optuna search** (TPE) over learning rate and dropout of this
+   project's normalized model, warm-started with the best learning rates of its
+   table column when that ran, with ASHA stopping poor trials early; reports the
+   best configuration, the search's trials and where the trials' time went.
+
+Defaults that depend on where trials train (search steps and batch, report
+interval, table seeds and columns) come from
+:func:`~iceaggr_tune.options.preset_for` (CPU or GPU) unless a flag sets them.
 
 ``--resume`` continues an interrupted sweep: Tune restores finished trials from
 its experiment state instead of running them again, and the MLflow runs are found
