@@ -377,11 +377,11 @@ def table_seeds(opts: SweepOptions) -> int:
 
 
 def table_columns(opts: SweepOptions) -> list[Column]:
-    """The table's columns for ``opts``: those of its networks, the JSON-only ones when
-    ``table.hidden_columns`` (default: on GPUs)."""
-    t = opts.table
-    hidden = t.hidden_columns if t.hidden_columns is not None else opts.resources.use_gpu
-    return [c for c in COLUMNS if c.arch in t.models and (c.shown or hidden)]
+    """The table's columns for ``opts``: those of its networks (default: the original's on
+    CPUs, both on GPUs), the JSON-only ones when ``table.hidden_columns`` (default: on
+    GPUs)."""
+    t = opts.resolved().table
+    return [c for c in COLUMNS if c.arch in (t.models or ()) and (c.shown or t.hidden_columns)]
 
 
 def table_trials(opts: SweepOptions) -> int:

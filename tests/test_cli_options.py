@@ -264,11 +264,11 @@ def test_resource_dependent_defaults_follow_the_trials_resources() -> None:
     cpu = SweepOptions().resolved()
     assert (cpu.search.steps, cpu.search.batch_size) == (150, 64)
     assert (cpu.early_stop.report_every, cpu.table.seeds) == (25, 1)
-    assert cpu.table.hidden_columns is False
+    assert (cpu.table.models, cpu.table.hidden_columns) == (("original",), False)
     gpu = parse(["--gpus-per-worker", "0.25"]).resolved()
     assert (gpu.search.steps, gpu.search.batch_size) == (300, 256)
     assert (gpu.early_stop.report_every, gpu.table.seeds) == (50, 3)
-    assert gpu.table.hidden_columns is True
+    assert (gpu.table.models, gpu.table.hidden_columns) == (("original", "iceaggr"), True)
     off = parse(["--gpus-per-worker", "1", "--no-table-hidden-columns"]).resolved()
     assert off.table.hidden_columns is False
     # An explicit flag wins over either preset; resolving twice changes nothing.
@@ -279,3 +279,5 @@ def test_resource_dependent_defaults_follow_the_trials_resources() -> None:
     # The smoke preset sets every one of them.
     smoke = SweepOptions.smoke()
     assert smoke.resolved() == smoke.changed({"table.seeds": 1, "table.hidden_columns": False})
+    mine = parse(["--table-models", "original", "iceaggr"]).resolved()
+    assert mine.table.models == ("original", "iceaggr")

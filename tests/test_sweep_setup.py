@@ -152,11 +152,14 @@ def test_warm_start_takes_only_the_searched_networks_cells() -> None:
 def test_table_columns_follow_the_resources_unless_given() -> None:
     keys = lambda opts: [c.key for c in table_columns(opts)]  # noqa: E731
     cpu = SweepOptions()
-    assert keys(cpu) == ["original-raw", "original-norm", "iceaggr-raw"]
-    assert table_trials(cpu) == 5 * 3 * 1
+    assert keys(cpu) == ["original-raw", "original-norm"]
+    assert table_trials(cpu) == 5 * 2 * 1
     gpu = cpu.changed({"resources.gpus_per_worker": 0.25})
-    assert keys(gpu)[-1] == "iceaggr-norm" and table_trials(gpu) == 5 * 4 * 3
-    assert keys(cpu.changed({"table.hidden_columns": True}))[-1] == "iceaggr-norm"
+    assert keys(gpu) == ["original-raw", "original-norm", "iceaggr-raw", "iceaggr-norm"]
+    assert table_trials(gpu) == 5 * 4 * 3
+    both = cpu.changed({"table.models": ("original", "iceaggr")})
+    assert keys(both) == ["original-raw", "original-norm", "iceaggr-raw"]
+    assert keys(both.changed({"table.hidden_columns": True}))[-1] == "iceaggr-norm"
     assert keys(gpu.changed({"table.models": ("original",)})) == ["original-raw", "original-norm"]
     with pytest.raises(ValueError, match="unknown table column 'ours-raw'"):
         Column.by_key("ours-raw")
