@@ -119,7 +119,9 @@ class OptionFlags:
         flag, by dotted path); a value the dataclasses refuse exits naming its flag."""
         given = vars(namespace)
         changes = {
-            path: self._finish.get(path, _same)(given[path]) for path in self.flags if path in given
+            path: given[path] if given[path] is None else self._finish.get(path, _same)(given[path])
+            for path in self.flags
+            if path in given
         }
         try:
             return with_changes(self.defaults, {**changes, **(extra or {})})

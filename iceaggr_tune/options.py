@@ -38,19 +38,19 @@ class ResourcePreset:
 
 
 CPU_PRESET = ResourcePreset(
-    search_steps=150,
+    search_steps=100,
     search_batch_size=64,
-    report_every=25,
+    report_every=20,
     table_seeds=1,
     table_models=("original",),
     table_hidden_columns=False,
 )
 """Trials on CPUs (the laptop default): this project's model (d_model 128) at lr ~1e-3 and
 batch 64 reaches ~1.25 rad on the synthetic validation events in ~100 steps on one core
-(``benchmarks/learning.py``); the first early-stopping rung (2 reports, step 50) comes once it
-has left the flat start. The table runs the original table's two columns (the original
-network before and after normalization) with one seed: each full-size cell costs ~2 minutes
-of a core, and this project's columns would add half again to the main job.
+(``benchmarks/learning.py``); early-stopping rungs at steps 40 and 80. The table runs the
+original table's two columns (the original network before and after normalization) with one
+seed: each full-size cell costs ~2 minutes of a core, and this project's columns would add
+half again to the main job.
 """
 GPU_PRESET = ResourcePreset(
     search_steps=300,
@@ -197,7 +197,7 @@ class SearchOptions:
     trials: int = 8
     """Optuna trials."""
     steps: int | None = None
-    """Training steps per search trial; default: 150 when trials train on CPUs, 300 on
+    """Training steps per search trial; default: 100 when trials train on CPUs, 300 on
     GPUs."""
     batch_size: int | None = field(default=None, metadata={FLAG: "search-batch-size"})
     """Events per batch of a search step; default: 64 on CPUs, 256 (the baseline's) on GPUs."""
@@ -234,7 +234,7 @@ class EarlyStopOptions:
 
     report_every: int | None = None
     """Steps between reports to Tune (each waits for Ray Train's poll; a search trial's report
-    carries a validation and a checkpoint); default: 25 when trials train on CPUs, 50 on
+    carries a validation and a checkpoint); default: 20 when trials train on CPUs, 50 on
     GPUs."""
     grace_reports: int = 2
     """Reports every search trial makes before early stopping may end it."""

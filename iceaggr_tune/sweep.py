@@ -408,7 +408,11 @@ def search_config(base: ExperimentConfig, search: SearchOptions, early: EarlySto
     cfg.train.batch_size = search.batch_size
     cfg.train.max_steps = search.steps
     cfg.train.warmup_steps = max(1, search.steps // 10)
-    cfg.train.log_every = max(1, early.report_every // 2)
+    # The trainer reports (validation, checkpoint, early-stopping rung) only at its logging
+    # steps: the logging interval must divide the report interval (25 -> 5, 20 -> 10).
+    every = early.report_every
+    divisors = [d for d in range(1, every // 2 + 1) if every % d == 0]
+    cfg.train.log_every = max(divisors) if divisors else 1
     cfg.train.eval_every = early.report_every
     cfg.train.checkpoint_every = early.report_every
     cfg.data.max_val_events = search.val_events

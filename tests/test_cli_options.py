@@ -144,7 +144,7 @@ def test_help_comes_from_the_field_docstrings(capsys: pytest.CaptureFixture[str]
     assert info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--trials TRIALS Optuna trials. (default: 8)" in out
-    assert "--steps STEPS Training steps per search trial; default: 150 when trials" in out
+    assert "--steps STEPS Training steps per search trial; default: 100 when trials" in out
     assert "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)" in out
     assert "--worker-resource NAME=AMOUNT Custom Ray resource" in out
     assert "--table-only only the stability table" in out
@@ -262,8 +262,8 @@ def test_with_changes_works_on_any_option_tree() -> None:
 
 def test_resource_dependent_defaults_follow_the_trials_resources() -> None:
     cpu = SweepOptions().resolved()
-    assert (cpu.search.steps, cpu.search.batch_size) == (150, 64)
-    assert (cpu.early_stop.report_every, cpu.table.seeds) == (25, 1)
+    assert (cpu.search.steps, cpu.search.batch_size) == (100, 64)
+    assert (cpu.early_stop.report_every, cpu.table.seeds) == (20, 1)
     assert (cpu.table.models, cpu.table.hidden_columns) == (("original",), False)
     gpu = parse(["--gpus-per-worker", "0.25"]).resolved()
     assert (gpu.search.steps, gpu.search.batch_size) == (300, 256)

@@ -11,13 +11,14 @@ import pytest
 
 from iceaggr.config import ConfigError, baseline_config, debug_config, to_dict
 from iceaggr.probe import Cell, Column, probe_config
-from iceaggr_tune.options import SearchOptions, TableOptions
+from iceaggr_tune.options import EarlyStopOptions, SearchOptions, TableOptions
 from iceaggr_tune.sweep import (
     SWEEP_STATE,
     SweepError,
     SweepOptions,
     base_experiment,
     read_sweep_state,
+    search_config,
     table_columns,
     table_trials,
     warm_start,
@@ -163,3 +164,15 @@ def test_table_columns_follow_the_resources_unless_given() -> None:
     assert keys(gpu.changed({"table.models": ("original",)})) == ["original-raw", "original-norm"]
     with pytest.raises(ValueError, match="unknown table column 'ours-raw'"):
         Column.by_key("ours-raw")
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 7, 10, 20, 25, 50])
+def test_every_report_step_of_a_search_trial_is_a_logging_step(every: int) -> None:
+    """The trainer validates, checkpoints and asks the early-stopping board only at logging
+    steps: with a logging interval that does not divide the report interval, a trial would
+    report only at its end and never be stopped early."""
+    search = SearchOptions(steps=100, batch_size=8)
+    cfg = search_config(debug_config("/data"), search, EarlyStopOptions(report_every=every))
+    t = cfg.train
+    assert every % t.log_every == 0 and (t.log_every < every or every == 1)
+    assert (t.eval_every, t.checkpoint_every) == (every, every)
