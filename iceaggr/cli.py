@@ -79,7 +79,7 @@ def _probe(args: argparse.Namespace) -> int:
         "grad_norm_warn": cfg.train.grad_norm_warn,
     }
     md, js = probe.write_table(cells, args.out, meta=meta)
-    print(probe.format_table(cells, cfg.train.grad_norm_warn))
+    print(probe.format_table(cells, cfg.train.grad_norm_warn, original_measure=True))
     print(f"\nwritten: {md} and {js}")
     return 0
 

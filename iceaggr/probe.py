@@ -351,21 +351,50 @@ def table_cells(cells: list[Cell]) -> dict[tuple[float, Column], TableCell]:
     return {key: table_cell(sorted(g, key=lambda c: c.seed)) for key, g in groups.items()}
 
 
-def format_table(cells: list[Cell], grad_norm_warn: float | None = None) -> str:
+def format_table(
+    cells: list[Cell], grad_norm_warn: float | None = None, original_measure: bool = False
+) -> str:
     """Markdown table in the layout of DESIGN.md section 6, one column more (this project's
-    model, raw inputs); the ⚠️ rule as a footnote when ``grad_norm_warn`` is given."""
+    model, raw inputs); the ⚠️ rule as a footnote when ``grad_norm_warn`` is given; with
+    ``original_measure``, a second table under it: the original's own number per cell."""
     grouped = table_cells(cells)
     shown = [c for c in COLUMNS if c.shown and any(k[1] == c for k in grouped)]
+    lines = _markdown_rows(grouped, shown, lambda tc: tc.text)
+    if grad_norm_warn is not None:
+        lines += ["", warn_rule(grad_norm_warn)]
+    if original_measure:
+        by_key: dict[tuple[float, Column], list[Cell]] = {}
+        for cell in cells:
+            col = column_of(cell)
+            if col is not None:
+                by_key.setdefault((cell.lr, col), []).append(cell)
+        lines += ["", ORIGINAL_MEASURE_TITLE, ""]
+        lines += _markdown_rows(by_key, shown, _mean_train_change)
+    return "\n".join(lines)
+
+
+ORIGINAL_MEASURE_TITLE = (
+    "The original's own number, last minus first training-batch loss (rad; mean over seeds, "
+    "— where every seed exploded): it mixes learning with which events the two batches hold."
+)
+
+
+def _mean_train_change(seed_cells: list[Cell]) -> str:
+    values = [c.train_loss_change for c in seed_cells if c.status != "explodes"]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return f"{sum(finite) / len(finite):+.3f}" if finite else "—"
+
+
+def _markdown_rows(grouped: dict, shown: list[Column], text: Any) -> list[str]:
+    """Header and one row per learning rate; ``text(value)`` for each present cell."""
     lines = [
         "| Learning Rate | " + " | ".join(c.title for c in shown) + " |",
         "|---------------|" + "|".join("-" * 21 for _ in shown) + "|",  # DESIGN.md's widths
     ]
     for lr in sorted({lr for lr, _ in grouped}):
-        texts = [grouped[(lr, c)].text if (lr, c) in grouped else "—" for c in shown]
+        texts = [text(grouped[(lr, c)]) if (lr, c) in grouped else "—" for c in shown]
         lines.append(f"| {lr_label(lr)} | " + " | ".join(texts) + " |")
-    if grad_norm_warn is not None:
-        lines += ["", warn_rule(grad_norm_warn)]
-    return "\n".join(lines)
+    return lines
 
 
 def lr_label(lr: float) -> str:
@@ -398,6 +427,8 @@ def write_table(cells: list[Cell], out_dir: str | Path, meta: dict[str, Any] | N
     out.mkdir(parents=True, exist_ok=True)
     md = out / "stability_table.md"
     js = out / "stability_table.json"
-    md.write_text(format_table(cells, (meta or {}).get("grad_norm_warn")) + "\n")
+    md.write_text(
+        format_table(cells, (meta or {}).get("grad_norm_warn"), original_measure=True) + "\n"
+    )
     js.write_text(json.dumps(table_json(cells, meta), indent=2))
     return md, js

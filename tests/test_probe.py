@@ -23,6 +23,7 @@ from iceaggr.config import ExperimentConfig, debug_config, to_dict
 from iceaggr.probe import (
     CELL_METRIC,
     COLUMNS,
+    ORIGINAL_MEASURE_TITLE,
     PROBE_EVAL_EVENTS,
     PROBE_LRS,
     Cell,
@@ -314,7 +315,7 @@ def test_run_probe_computes_every_cell(probe_cells: list[Cell]) -> None:
 
 def test_write_table_json_and_markdown(probe_cells: list[Cell], tmp_path: Path) -> None:
     md, js = write_table(probe_cells, tmp_path / "out", meta={"steps": PROBE_TEST_STEPS})
-    assert md.read_text() == format_table(probe_cells) + "\n"
+    assert md.read_text() == format_table(probe_cells, original_measure=True) + "\n"
     data = json.loads(js.read_text())
     assert data["meta"] == {"steps": PROBE_TEST_STEPS}
     assert len(data["cells"]) == 2 * len(COLUMNS)
@@ -328,7 +329,7 @@ def test_write_table_json_and_markdown(probe_cells: list[Cell], tmp_path: Path) 
         assert entry["text"] == cell.text
     lines = md.read_text().splitlines()
     assert lines[0] == HEADER
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 1e-4", "| 1e-3"]
+    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| 1e-4", "| 1e-3"]
 
 
 # ---------------------------------------------------------------- the command line
@@ -368,8 +369,18 @@ def test_cli_probe_prints_and_writes_the_table(
     table = (out / "stability_table.md").read_text().strip()
     assert table in stdout
     assert table.splitlines()[0] == HEADER
-    assert len(table.splitlines()) == 2 + len(PROBE_TEST_LRS) + 2  # + blank line, the rule
-    assert table.splitlines()[-1] == warn_rule(debug_config().train.grad_norm_warn)
+    rows = 2 + len(PROBE_TEST_LRS)
+    lines = table.splitlines()
+    assert len(lines) == rows + 2 + 3 + rows  # the rule, then the original's own number
+    assert lines[rows + 1] == warn_rule(debug_config().train.grad_norm_warn)
+    assert lines[rows + 3] == ORIGINAL_MEASURE_TITLE and lines[rows + 5] == HEADER
+    # Its cells are the training-batch changes of the JSON, as printed.
+    data = json.loads((out / "stability_table.json").read_text())
+    for line, lr in zip(lines[rows + 7 :], sorted(PROBE_TEST_LRS), strict=True):
+        cells = {(c["model"], c["normalize"]): c for c in data["cells"] if c["lr"] == lr}
+        first = cells[("original", False)]
+        expected = "—" if first["status"] == "explodes" else f"{first['train_loss_change']:+.3f}"
+        assert line.split(" | ")[1] == expected
     data = json.loads((out / "stability_table.json").read_text())
     assert data["meta"]["steps"] == PROBE_TEST_STEPS
     assert data["meta"]["batch_size"] == PROBE_TEST_BATCH
