@@ -341,14 +341,19 @@ def column_of(cell: Cell) -> Column | None:
     )
 
 
-def table_cells(cells: list[Cell]) -> dict[tuple[float, Column], TableCell]:
-    """Seeds grouped into table cells, keyed by (learning rate, column)."""
+def seeds_by_cell(cells: list[Cell]) -> dict[tuple[float, Column], list[Cell]]:
+    """The seeds of each table cell, keyed by (learning rate, column), in seed order."""
     groups: dict[tuple[float, Column], list[Cell]] = {}
     for cell in cells:
         col = column_of(cell)
         if col is not None:
             groups.setdefault((cell.lr, col), []).append(cell)
-    return {key: table_cell(sorted(g, key=lambda c: c.seed)) for key, g in groups.items()}
+    return {key: sorted(g, key=lambda c: c.seed) for key, g in groups.items()}
+
+
+def table_cells(cells: list[Cell]) -> dict[tuple[float, Column], TableCell]:
+    """Seeds grouped into table cells, keyed by (learning rate, column)."""
+    return {key: table_cell(g) for key, g in seeds_by_cell(cells).items()}
 
 
 def format_table(
@@ -363,13 +368,8 @@ def format_table(
     if grad_norm_warn is not None:
         lines += ["", warn_rule(grad_norm_warn)]
     if original_measure:
-        by_key: dict[tuple[float, Column], list[Cell]] = {}
-        for cell in cells:
-            col = column_of(cell)
-            if col is not None:
-                by_key.setdefault((cell.lr, col), []).append(cell)
         lines += ["", ORIGINAL_MEASURE_TITLE, ""]
-        lines += _markdown_rows(by_key, shown, _mean_train_change)
+        lines += _markdown_rows(seeds_by_cell(cells), shown, _mean_train_change)
     return "\n".join(lines)
 
 

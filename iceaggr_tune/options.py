@@ -184,11 +184,6 @@ class TableOptions:
         if unknown or self.models == ():
             raise OptionError("models", f"choose from original, iceaggr; got {self.models}")
 
-    def seeds_for(self, use_gpu: bool) -> int:
-        """The seeds per cell: as given, else 3 when trials train on GPUs and 1 on CPUs (the
-        CPU main job's time budget)."""
-        return self.seeds if self.seeds is not None else preset_for(use_gpu).table_seeds
-
 
 @dataclass(kw_only=True)
 class SearchOptions:
@@ -230,7 +225,8 @@ class SearchOptions:
 
 @dataclass(kw_only=True)
 class EarlyStopOptions:
-    """Reports and early stopping: each report of a search trial is a rung of ASHA."""
+    """Reports and early stopping: ASHA's rungs fall on a search trial's reports number
+    ``grace_reports * reduction_factor**k``."""
 
     report_every: int | None = None
     """Steps between reports to Tune (each waits for Ray Train's poll; a search trial's report

@@ -373,7 +373,9 @@ def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root
 
 
 def table_seeds(opts: SweepOptions) -> int:
-    return opts.table.seeds_for(opts.resources.use_gpu)
+    seeds = opts.resolved().table.seeds
+    assert seeds is not None  # resolved() fills every resource-dependent default
+    return seeds
 
 
 def table_columns(opts: SweepOptions) -> list[Column]:

@@ -45,8 +45,8 @@ def print_result(opts: Any, result: Any) -> None:
 
     print()
     if result.table_markdown is not None:
-        t = opts.table
-        seeds = t.seeds_for(opts.resources.use_gpu)
+        t = opts.resolved().table
+        seeds = t.seeds
         print(
             f"## Stability table ({t.steps} steps, batch {t.batch_size}, {seeds} seed(s), "
             f"loss change on {t.eval_events} held-out events)\n"
