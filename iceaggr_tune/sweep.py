@@ -50,7 +50,8 @@ from iceaggr.config import (
     load_config,
     to_dict,
 )
-from iceaggr.probe import CELL_METRIC, COLUMNS, Cell, Column, write_table
+from iceaggr.probe import CELL_METRIC, COLUMNS, Cell, Column
+from iceaggr.stability_table import write_table
 from iceaggr.tracking import (
     RunLogger,
     absolute_tracking_uri,
@@ -435,7 +436,12 @@ def warm_start(table: list[Cell] | None, search: SearchOptions, arch: str):
         for c in table or []
         if c.model == arch and c.normalize and search.lr_min <= c.lr <= search.lr_max
     ]
-    good = sorted((c for c in norm if c.status in ("ok", "warn")), key=lambda c: c.loss_change)
+    # Cells that learned first (they beat the best constant direction), best margin first;
+    # then those whose held-out loss fell.
+    good = sorted(
+        (c for c in norm if c.status in ("ok", "warn")),
+        key=lambda c: (not c.learned, c.vs_const if c.vs_const is not None else c.loss_change),
+    )
     for c in good[:2]:
         points.append({"lr": c.lr, "dropout": search.dropout_min})
     for c in norm:

@@ -32,6 +32,7 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from iceaggr.collapse import CollapseStats
 from iceaggr.config import ExperimentConfig, from_dict, to_dict
 from iceaggr.hooks import Hook
 from iceaggr.probe import Column, cell_from_result, probe_config
@@ -192,6 +193,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             summary |= {"diverged": 0.0}
             if result.val_angle is not None:
                 summary[METRIC] = result.val_angle
+            if result.val_collapse is not None:  # the last validation's collapse signals
+                summary |= CollapseStats.from_dict(result.val_collapse).metrics()
+                summary["collapsed"] = float(bool(result.collapsed))
         if config.get("track_fixed_batch"):  # a table cell, classified here only
             cell = cell_from_result(cfg, result)
             summary |= cell.to_metrics()

@@ -22,17 +22,21 @@ def test_format_search_table_sorts_by_best_validation_error() -> None:
     rows = [
         _row("t1", 1.45, stopped_early=True, steps=20),
         _row("t2", None, diverged=True, lr=3e-3, steps=7),
-        _row("t3", 1.3712, dropout=0.25),
+        _row("t3", 1.3712, dropout=0.25, resultant=0.0412, collapsed=False, vs_const=-0.2113),
+        _row("t4", 1.5801, resultant=0.99998, collapsed=True, vs_const=0.0007),
     ]
     lines = format_search_table(rows).splitlines()
-    assert (
-        lines[0] == "| trial | lr | dropout | steps | best val (rad) | stopped early | diverged |"
+    assert lines[0] == (
+        "| trial | lr | dropout | steps | best val (rad) | vs best constant (rad) | R | "
+        "collapsed | stopped early | diverged |"
     )
-    assert lines[2:] == [
-        "| t3 | 0.0003 | 0.250 | 60 | 1.3712 | no | no |",
-        "| t1 | 0.0003 | 0.100 | 20 | 1.4500 | yes | no |",
-        "| t2 | 0.003 | 0.100 | 7 | — | no | yes |",
+    assert lines[2:6] == [
+        "| t3 | 0.0003 | 0.250 | 60 | 1.3712 | -0.2113 | 0.041 | no | no | no |",
+        "| t1 | 0.0003 | 0.100 | 20 | 1.4500 | — | — | — | yes | no |",
+        "| t4 | 0.0003 | 0.100 | 60 | 1.5801 | +0.0007 | 1.000 | yes | no | no |",
+        "| t2 | 0.003 | 0.100 | 7 | — | — | — | — | no | yes |",
     ]
+    assert "collapsed: R >= 0.9" in lines[-1]
 
 
 def test_reference_errors_score_the_validation_events(small_dataset: Path) -> None:

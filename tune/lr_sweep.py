@@ -48,8 +48,8 @@ def print_result(opts: Any, result: Any) -> None:
         t = opts.resolved().table
         seeds = t.seeds
         print(
-            f"## Stability table ({t.steps} steps, batch {t.batch_size}, {seeds} seed(s), "
-            f"loss change on {t.eval_events} held-out events)\n"
+            f"## Stability table ({t.steps} steps, batch {t.batch_size}, {seeds} seed(s) per "
+            f"cell, {t.eval_events} held-out events)\n"
         )
         print(result.table_markdown)
     if result.best is not None:
