@@ -107,6 +107,8 @@ class SweepResult:
     table: list[Cell] | None = None
     table_markdown: str | None = None
     """The table as printed and saved (``stability_table.md``), with its footnote."""
+    links: dict[str, str] = field(default_factory=dict)
+    """MLflow UI pages of the sweep (:func:`iceaggr_tune.mlflow_runs.ui_links`)."""
     best: dict[str, Any] | None = None
     search_trials: list[dict[str, Any]] = field(default_factory=list)
     """One row per search trial (:func:`iceaggr_tune.summary.search_rows`)."""
@@ -657,6 +659,10 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         mlflow_runs.close_running(uri, parent, "KILLED")
         _log_loss_curves(uri, parent, plog, sweep_dir, name)
         plog.terminate(status)
+        try:
+            result.links = mlflow_runs.sweep_links(uri, parent)
+        except Exception as err:  # the links are a convenience; the sweep's records stand
+            log.warning("could not make the MLflow UI links: %s", err)
         watch.stop()
         result.wall_seconds = time.time() - t0
     return result

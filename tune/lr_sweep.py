@@ -72,6 +72,10 @@ def print_result(opts: Any, result: Any) -> None:
         f"\nsweep {result.name}: {result.wall_seconds:.0f} s; "
         f"MLflow parent run {result.parent_run_id} at {redact_uri(opts.tracking.uri)}"
     )
+    if result.links:
+        from iceaggr_tune.mlflow_runs import format_links
+
+        print(format_links(opts.tracking.uri, result.links))
 
 
 def format_overhead(part: str, over: dict[str, float]) -> str:
