@@ -44,9 +44,17 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json()["diverged"], indent=2))
         return 3
     val = result.val_angle if result.val_angle is not None else float("nan")
+    collapse = ""
+    if result.val_collapse is not None:
+        c = result.val_collapse
+        collapse = (
+            f" ({c['margin']:+.4f} vs the best constant direction, R {c['resultant']:.3f}"
+            + (", COLLAPSED: one direction for every event" if result.collapsed else "")
+            + ")"
+        )
     print(
         f"trained {result.steps} steps: last loss {result.last_loss:.4f}, "
-        f"validation angular error {val:.4f} rad, "
+        f"validation angular error {val:.4f} rad{collapse}, "
         f"{result.events_per_s:.0f} events/s; result in {out}"
     )
     return 0

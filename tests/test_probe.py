@@ -336,9 +336,15 @@ def test_cli_train_with_overrides(
     argv = ["train", str(config), "--set", "train.max_steps=3", "--set", f"train.out_dir={out}"]
     argv += ["--set", "train.log_every=1", "--set", "train.eval_every=0"]
     assert main(argv) == 0
-    assert "trained 3 steps" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "trained 3 steps" in stdout
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 3
+    # The last validation's collapse signals, printed and in the result.
+    c = result["val_collapse"]
+    assert f"{c['margin']:+.4f} vs the best constant direction, R {c['resultant']:.3f}" in stdout
+    assert result["collapsed"] == (c["resultant"] >= 0.9)
+    assert c["angle"] == pytest.approx(result["val_angle"])
     assert result["diverged"] is None
     assert [h["step"] for h in result["history"]] == [1, 2, 3]
     assert not (tmp_path / "yaml_out").exists()  # the override won over the YAML

@@ -99,6 +99,21 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "loss")) == opts.table.steps
         assert len(client.get_metric_history(r.info.run_id, "grad_norm")) == opts.table.steps
+        # The held-out set is the cell's last validation: its collapse signals, once.
+        for key in ("val_angle", "val_resultant", "val_const_angle", "val_vs_const"):
+            assert len(client.get_metric_history(r.info.run_id, key)) == 1, key
+        resultant = r.data.metrics["val_resultant"]
+        assert r.data.tags["collapsed"] == ("true" if resultant >= 0.9 else "false")
+    # Every search trial validates at each report with its collapse signals, and is tagged.
+    for r in (r for r in runs if r.data.tags["sweep_part"] == "search"):
+        if r.data.tags.get("diverged") == "true":
+            continue
+        angles = client.get_metric_history(r.info.run_id, "val_angle")
+        resultants = client.get_metric_history(r.info.run_id, "val_resultant")
+        assert [m.step for m in resultants] == [m.step for m in angles] and angles
+        assert all(0.0 <= m.value <= 1.0 for m in resultants)
+        assert r.data.tags["collapsed"] in ("true", "false")
+    assert {"runs", "parent", "compare", "curves"} <= set(result.links)
 
     # The table: computed cells, the exploded ones marked.
     cells = {(c.lr, c.normalize): c for c in result.table or []}
@@ -121,6 +136,7 @@ def test_sweep_records_table_search_and_divergence(ray_local, sweep_data, tmp_pa
         (Path(opts.storage_path) / "records" / "stability_table.json").read_text()
     )
     assert len(table_json["cells"]) == 4
+    assert len(table_json["learning"]) == 4 and table_json["reproduction"]["of"] == 2
 
     # Optuna: every trial finished (COMPLETE or PRUNED), none left RUNNING; the exploded
     # normalized lr 1e3 of the table is outside the search range, so nothing was told.
