@@ -206,3 +206,55 @@ def test_least_recently_used_files_are_evicted(clean_uri: str, tmp_path: Path) -
     assert cache.stats.evictions == 1 and cache.size_bytes() <= cache.max_bytes
     with pytest.raises(ValueError, match="must be > 0 GB"):
         FileCache(tmp_path, max_gb=0)
+
+
+# ------------------------------------------------------------------ a sweep on s3://
+
+
+@pytest.mark.slow
+def test_smoke_sweep_reads_and_writes_s3(
+    s3_server: S3Server, ray_local: str, clean: Path, clean_uri: str, tmp_path: Path
+) -> None:
+    """``--data s3://...`` and ``--storage-path s3://...`` on a real local Ray: the data is
+    checked before Ray starts, the trials read it through the node cache (counted in their
+    MLflow runs), and Tune and Train write their results and checkpoints to the bucket."""
+    from mlflow.tracking import MlflowClient
+
+    from iceaggr_tune.mlflow_runs import child_runs
+    from iceaggr_tune.sweep import SweepOptions, run_sweep
+
+    cache_dir = tmp_path / "node-cache"
+    storage = f"s3://{s3_server.BUCKET}/sweeps"
+    opts = SweepOptions.smoke().changed(
+        {
+            "name": "s3",
+            "data.path": clean_uri,
+            "data.cache_dir": str(cache_dir),
+            "storage_path": storage,
+            "local_dir": str(tmp_path / "local"),
+            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "run_table": False,  # the search trial's path is the table's, plus checkpoints
+            "search.trials": 1,
+        }
+    )
+    result = run_sweep(opts)
+    assert not result.interrupted
+    assert result.best is not None and 0 < result.best["val_angle"] < 3.2
+    keys = s3_server.keys("sweeps/s3/")
+    assert any(k.startswith("sweeps/s3/search/") for k in keys)
+    assert any(k.startswith("sweeps/s3/train/") and "checkpoint" in k for k in keys), keys
+    # The node cache: the metadata and the files the trial read: the validation file
+    # (batch_3) and the one training file its 6 steps of 32 events reach (of 300 each).
+    cached = {p.name.rsplit("-", 1)[-1] for p in FileCache(cache_dir).entries()}
+    assert {META_FILE, "batch_3.parquet"} <= cached and len(cached) == 3, cached
+    client = MlflowClient(tracking_uri=opts.tracking.uri)
+    runs = child_runs(opts.tracking.uri, result.parent_run_id)
+    assert len(runs) == 1
+    for r in runs:
+        m = r.data.metrics
+        assert m["data_cache_misses"] + m["data_cache_hits"] >= 2, m  # metadata + a batch file
+        assert m["data_cache_bytes_downloaded"] >= 0
+        assert client.get_metric_history(r.info.run_id, "data_cache_hits")
+    # One node: all trials share the cache, so the files were downloaded once in all.
+    downloaded = sum(r.data.metrics["data_cache_bytes_downloaded"] for r in runs)
+    assert downloaded <= sum(p.stat().st_size for p in FileCache(cache_dir).entries())
