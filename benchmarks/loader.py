@@ -26,6 +26,16 @@ Run from the repository root::
     python benchmarks/loader.py --json /tmp/loader.json
 
 Prints a Markdown table and writes JSON (default ``benchmarks/results/loader.json``).
+
+``--storage`` measures instead where the files come from: one synthetic batch file of
+``--events`` (default for this mode: 200,000, a real file's size), one epoch through
+``EventLoader`` in a fresh process per run (its peak resident memory is the worker's), read
+from local disk, from an S3-compatible server on 127.0.0.1 (moto's, a dev dependency) with an
+empty node cache (cold: the first trial on a new node) and with the cache filled (warm). The
+cold run's time to the first batch is what a new node waits before its first step, less the
+model's set-up::
+
+    python benchmarks/loader.py --storage --json /tmp/loader-storage.json
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -264,6 +275,109 @@ def markdown_table(rows: list[Timing], naive: Timing) -> str:
     return "\n".join(lines)
 
 
+def _storage_epoch(root: str, cache_dir: str, batch_size: int, out: Any) -> None:
+    """One epoch in this (fresh) process; puts its numbers on ``out``."""
+    import resource
+
+    from iceaggr.cache import FileCache
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    ds = KaggleDataset(root, cache=FileCache(cache_dir) if "://" in root else None)
+    loader = EventLoader(dataset=ds, batch_ids=ds.batch_ids, batch_size=batch_size, prefetch=0)
+    first = None
+    events = 0
+    for batch in loader:
+        events += batch.num_events
+        if first is None:
+            first = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    stats = ds.cache.stats if ds.cache is not None else None
+    out.put(
+        {
+            "events": events,
+            "seconds": seconds,
+            "events_per_s": events / seconds,
+            "first_batch_s": first,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "downloaded_mb": stats.bytes_downloaded / 1e6 if stats else 0.0,
+            "cache_misses": stats.misses if stats else 0,
+            "cache_hits": stats.hits if stats else 0,
+        }
+    )
+
+
+def storage_main(args: argparse.Namespace) -> int:
+    """Local disk vs an S3 server, cold and warm node cache (see the module docstring)."""
+    import multiprocessing as mp
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    events = args.events if args.events != 50_000 else 200_000
+    env = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    os.environ.update(env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="iceaggr-storage-bench-") as tmp:
+            data = Path(tmp) / "data"
+            t0 = time.perf_counter()
+            write_synthetic_dataset(data, events, batch_size=events, seed=args.seed)
+            size = (data / "train" / "batch_1.parquet").stat().st_size
+            print(
+                f"generated {events:,} events ({size / 1e6:.0f} MB) in "
+                f"{time.perf_counter() - t0:.0f} s"
+            )
+            s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+            s3.create_bucket(Bucket="bench")
+            for f in sorted(p for p in data.rglob("*") if p.is_file()):
+                s3.upload_file(str(f), "bench", f"data/{f.relative_to(data).as_posix()}")
+            ctx = mp.get_context("spawn")
+            cache = str(Path(tmp) / "cache")
+            runs = [("local disk", str(data)), ("S3, cold cache", "s3://bench/data"),
+                    ("S3, warm cache", "s3://bench/data")]  # fmt: skip
+            for name, root in runs:
+                out = ctx.Queue()
+                proc = ctx.Process(target=_storage_epoch, args=(root, cache, args.batch_size, out))
+                proc.start()
+                row = out.get(timeout=3600)
+                proc.join()
+                rows.append({"source": name, **row})
+    finally:
+        server.stop()
+    lines = [
+        f"| source ({events:,} events, 1 file) | events/s | first batch (s) | epoch (s) | "
+        "peak RSS (MB) | downloaded (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['source']} | {r['events_per_s']:,.0f} | {r['first_batch_s']:.2f} | "
+            f"{r['seconds']:.1f} | {r['peak_rss_mb']:,.0f} | {r['downloaded_mb']:.0f} |"
+        )
+    print("\n".join(lines))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {"mode": "storage", "events": events, "file_bytes": size,
+             "batch_size": args.batch_size, "machine": platform.platform(),
+             "cpus": os.cpu_count(), "rows": rows},
+            indent=2,
+        )
+    )  # fmt: skip
+    print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000, help="events to generate")
@@ -278,7 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write JSON")
+    parser.add_argument(
+        "--storage",
+        action="store_true",
+        help="local disk vs an S3 server on 127.0.0.1, cold and warm cache (200,000 events)",
+    )
     args = parser.parse_args(argv)
+    if args.storage:
+        return storage_main(args)
 
     torch.set_num_threads(1)
     pa.set_cpu_count(1)

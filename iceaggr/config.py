@@ -23,7 +23,9 @@ from typing import Any, Literal
 
 import yaml
 
+from iceaggr.cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_GB, FileCache
 from iceaggr.collapse import COLLAPSE_RESULTANT
+from iceaggr.dataset import KaggleDataset
 from iceaggr.loader import Truncation
 from iceaggr.losses import LossKind
 from iceaggr.model import ModelConfig, baseline_model_config, debug_model_config
@@ -37,7 +39,9 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True)
 class DataConfig:
     path: str = "data/synthetic"
-    """Kaggle-layout folder (``sensor_geometry.csv``, ``train_meta.parquet``, ``train/``)."""
+    """Kaggle-layout folder (``sensor_geometry.csv``, ``train_meta.parquet``, ``train/``), or
+    the same layout in object storage, ``s3://bucket/prefix`` (``AWS_ENDPOINT_URL`` names an
+    S3-compatible server; credentials from the AWS standard chain)."""
     val_files: int = 1
     """The last ``val_files`` batch files validate; training never sees them."""
     max_train_events: int | None = None
@@ -52,6 +56,11 @@ class DataConfig:
     """An event keeps its brightest DOMs (the event transformer's longest sequence)."""
     prefetch: int = 2
     """Batches assembled ahead in a background thread."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Where a node keeps the files of an ``s3://`` dataset (shared by the trials on the node,
+    fetched once each); unused for a folder."""
+    cache_gb: float = DEFAULT_CACHE_GB
+    """Size limit of ``cache_dir`` in GB (10^9 bytes); least recently used files go first."""
 
     def __post_init__(self) -> None:
         if self.val_files < 0:
@@ -61,6 +70,15 @@ class DataConfig:
         if self.max_val_events < 1:
             raise ValueError(f"data.max_val_events must be >= 1, got {self.max_val_events}")
         self.truncation()  # validates the caps
+        if not self.cache_gb > 0:
+            raise ValueError(f"data.cache_gb must be > 0, got {self.cache_gb}")
+
+    def open(self) -> KaggleDataset:
+        """The dataset at :attr:`path`; an ``s3://`` one cached in :attr:`cache_dir`."""
+        from iceaggr.remote import is_uri
+
+        cache = FileCache(self.cache_dir, self.cache_gb) if is_uri(self.path) else None
+        return KaggleDataset(self.path, cache=cache)
 
     def truncation(self) -> Truncation:
         return Truncation(

@@ -11,6 +11,13 @@ Every problem is reported as a :class:`DatasetError` whose message names the
 file, the column and the offending value and says what to do. Nothing is
 silently dropped: a batch file either validates completely or is refused.
 
+The folder may be a URI, ``s3://bucket/prefix`` (:mod:`iceaggr.remote`). Opening reads
+``sensor_geometry.csv``, fetches ``train_meta.parquet`` into this node's
+:class:`~iceaggr.cache.FileCache` (once per node; every reader needs its rows) and lists
+``train/``; :meth:`KaggleDataset.preflight` reads each batch file's footer with ranged
+requests; :meth:`KaggleDataset.read_batch` fetches the batch file it reads into the cache
+(once per node). Errors name the ``s3://`` object as they name a file of a folder.
+
 The metadata of the real competition (132M rows) is never loaded whole: only
 the rows of the batch files in use are read, with a pyarrow filter on
 ``batch_id``.
@@ -26,6 +33,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from iceaggr.cache import FileCache
+from iceaggr.remote import DataPath, UriPath, data_path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,7 @@ class BatchFile:
     """One validated ``train/batch_<k>.parquet`` with its metadata rows, as numpy arrays."""
 
     batch_id: int
-    path: Path
+    path: DataPath
     sensor_id: np.ndarray  # (P,) int16
     time: np.ndarray  # (P,) int64, ns
     charge: np.ndarray  # (P,) float64, p.e.
@@ -84,7 +94,7 @@ class BatchFile:
         return int(self.time.shape[0])
 
 
-def _check_columns(path: Path, schema: pa.Schema, expected: dict[str, pa.DataType]) -> None:
+def _check_columns(path: DataPath, schema: pa.Schema, expected: dict[str, pa.DataType]) -> None:
     names = set(schema.names)
     missing = [c for c in expected if c not in names]
     if missing:
@@ -101,10 +111,13 @@ def _check_columns(path: Path, schema: pa.Schema, expected: dict[str, pa.DataTyp
             )
 
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
-    """Open a batch file (reads its footer); a cut-off or corrupt file is a DatasetError."""
+def _open_parquet(path: DataPath, local: Path | None = None) -> pq.ParquetFile:
+    """Open a batch file (reads its footer; from ``local``, a cached copy, when given); a
+    cut-off or corrupt file is a DatasetError."""
     try:
-        return pq.ParquetFile(path)
+        if local is None and isinstance(path, UriPath):
+            return pq.ParquetFile(path.open_input_file())
+        return pq.ParquetFile(local if local is not None else path)
     except (pa.ArrowInvalid, OSError) as err:
         raise DatasetError(
             f"{path}: not a readable parquet file ({err}). It may be truncated or corrupt; "
@@ -116,7 +129,7 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _check_finite_floats(path: Path, pf: pq.ParquetFile) -> None:
+def _check_finite_floats(path: DataPath, pf: pq.ParquetFile) -> None:
     """Non-finite time or charge values, reported before dtypes (a float column full of NaN
     is the more specific problem)."""
     schema = pf.schema_arrow
@@ -141,16 +154,25 @@ class KaggleDataset:
     """A validated Kaggle-layout dataset folder.
 
     Opening checks the folder, the geometry and the metadata schema; each batch
-    file is checked in full when it is read (:meth:`read_batch`).
+    file is checked in full when it is read (:meth:`read_batch`). ``root`` may be an
+    ``s3://`` URI; ``cache`` is where its files are kept on this node (default:
+    :class:`~iceaggr.cache.FileCache`'s folder and limit; unused for a folder).
     """
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
-        self.root = Path(root)
+    def __init__(
+        self, root: str | Path | UriPath, split: str = "train", cache: FileCache | None = None
+    ) -> None:
+        self.root = data_path(root)
         self.split = split
+        self.cache = (cache or FileCache()) if isinstance(self.root, UriPath) else None
         if not self.root.is_dir():
+            make = (
+                f"Upload one with `aws s3 sync <folder> {self.root}`"
+                if isinstance(self.root, UriPath)
+                else f"Create one with `iceaggr synth --out {self.root} --events 50000`"
+            )
             raise DatasetError(
-                f"{self.root}: dataset folder does not exist. Create one with "
-                f"`iceaggr synth --out {self.root} --events 50000` or point to the Kaggle data."
+                f"{self.root}: dataset folder does not exist. {make} or point to the Kaggle data."
             )
         self.geometry = read_geometry(self.root / GEOMETRY_FILE)
         self.meta_path = self.root / f"{split}_meta.parquet"
@@ -158,7 +180,8 @@ class KaggleDataset:
             raise DatasetError(
                 f"{self.meta_path}: missing file; a dataset needs {split}_meta.parquet."
             )
-        meta_schema = pq.read_schema(self.meta_path)
+        self._meta_source = self._local(self.meta_path)  # a URI's file: fetched once, here
+        meta_schema = pq.read_schema(self._meta_source)
         expected = dict(META_SCHEMA)
         self.has_angles = "azimuth" in meta_schema.names or "zenith" in meta_schema.names
         if not self.has_angles:
@@ -201,11 +224,24 @@ class KaggleDataset:
                 "would be lost. Restore the batch file(s), or remove their rows from the metadata."
             )
 
+    def _local(self, path: DataPath) -> Path:
+        """``path`` itself, or for a URI its copy in this node's cache (fetched once)."""
+        if isinstance(path, UriPath):
+            assert self.cache is not None  # set for every URI root
+            try:
+                return self.cache.fetch(path)
+            except OSError as err:
+                raise DatasetError(
+                    f"{path}: could not fetch it ({err}); check the URI, the "
+                    "credentials and the endpoint (AWS_ENDPOINT_URL)"
+                ) from err
+        return path
+
     @property
     def num_sensors(self) -> int:
         return int(self.geometry.shape[0])
 
-    def batch_path(self, batch_id: int) -> Path:
+    def batch_path(self, batch_id: int) -> DataPath:
         if batch_id not in self._paths:
             raise DatasetError(
                 f"{self.batch_dir}: batch_{batch_id}.parquet does not exist; "
@@ -220,7 +256,9 @@ class KaggleDataset:
         if not todo:
             return
         columns = list(META_SCHEMA) if self.has_angles else list(META_SCHEMA)[:4]
-        table = pq.read_table(self.meta_path, columns=columns, filters=[("batch_id", "in", todo)])
+        table = pq.read_table(
+            self._meta_source, columns=columns, filters=[("batch_id", "in", todo)]
+        )
         batch_col = table.column("batch_id").to_numpy()
         order = np.argsort(batch_col, kind="stable")
         sorted_ids = batch_col[order]
@@ -291,7 +329,7 @@ class KaggleDataset:
             total += rows
         return total
 
-    def _check_sensor_and_charge(self, path: Path, cols: dict[str, np.ndarray]) -> None:
+    def _check_sensor_and_charge(self, path: DataPath, cols: dict[str, np.ndarray]) -> None:
         """Sensor ids inside the geometry and positive finite charges, or an error naming the
         row and event."""
         ev, sensor, charge = cols["event_id"], cols["sensor_id"], cols["charge"]
@@ -315,7 +353,7 @@ class KaggleDataset:
         """Read and fully validate one batch file."""
         path = self.batch_path(batch_id)
         meta = self.meta(batch_id)
-        pf = _open_parquet(path)
+        pf = _open_parquet(path, self._local(path) if isinstance(path, UriPath) else None)
         schema = pf.schema_arrow
         _check_finite_floats(path, pf)
         _check_columns(path, schema, PULSE_SCHEMA)
@@ -377,14 +415,14 @@ class KaggleDataset:
         )
 
 
-def read_geometry(path: Path) -> np.ndarray:
+def read_geometry(path: DataPath) -> np.ndarray:
     """Read ``sensor_geometry.csv`` into a (N, 3) float32 array of x, y, z in metres."""
     import pandas as pd
 
     if not path.is_file():
         raise DatasetError(f"{path}: missing file; a dataset needs sensor_geometry.csv.")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path.open_input_file() if isinstance(path, UriPath) else path)
     except Exception as err:  # pandas raises several types for bad CSV
         raise DatasetError(f"{path}: not a readable CSV ({err}).") from err
     missing = [c for c in GEOMETRY_COLUMNS if c not in df.columns]

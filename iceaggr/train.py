@@ -127,7 +127,9 @@ class TrainResult:
     """Wall seconds of this process outside the training steps: ``setup_s`` (dataset open,
     loaders, model, optimizer, input audit), ``held_out_s`` (the fixed held-out set, read and
     scored before and after), ``validation_s``, ``checkpoint_s`` and ``report_s`` (hooks at
-    reports: MLflow, Ray Train reports, early stopping)."""
+    reports: MLflow, Ray Train reports, early stopping); ``first_step_s``: from the start of
+    set-up to the end of the first step (with an ``s3://`` dataset and a cold node cache,
+    includes fetching the metadata and the first files)."""
 
     def add_time(self, key: str, since: float) -> None:
         """Add the ``time.perf_counter()`` seconds elapsed ``since`` to ``timings[key]``."""
@@ -457,6 +459,8 @@ class Trainer:
             and torch.distributed.is_initialized()
         )
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(tc.out_dir)
+        self._t_setup = t_setup
+        self.dataset: KaggleDataset | None = None
         _seed_everything(tc.seed)
         self.loader, self.val_loader = self._build_loaders() if build_data else (None, None)
         self.model = build_model(cfg.model).to(self.device)
@@ -501,7 +505,7 @@ class Trainer:
     def _build_loaders(self) -> tuple[EventLoader, EventLoader | None]:
         """The training loader (this rank's share, shuffled) and the validation one (or None)."""
         cfg, tc = self.cfg, self.cfg.train
-        dataset = KaggleDataset(cfg.data.path)
+        dataset = self.dataset = cfg.data.open()
         train_ids, val_ids = split_batch_ids(dataset.batch_ids, cfg.data.val_files)
         common: dict[str, Any] = dict(
             dataset=dataset,
@@ -648,6 +652,8 @@ class Trainer:
             out = self.train_step(batch.to(self.device, non_blocking=True))
             self.state.step += 1
             step = self.state.step
+            if step == self.start_step + 1:  # the data, model and first step, from scratch
+                self.result.timings["first_step_s"] = time.perf_counter() - self._t_setup
             self.guard.observe(out, step)
             self._window.add(out)
             self.result.train_seconds += time.perf_counter() - t0
@@ -700,6 +706,9 @@ class Trainer:
             "events_truncated": float(stats.events_truncated),
             "pulses_dropped": float(stats.pulses_in - stats.pulses_kept),
         }
+        if self.dataset is not None and self.dataset.cache is not None:
+            # An s3:// dataset: this process's node-cache hits, misses and bytes fetched.
+            metrics |= self.dataset.cache.stats.metrics()
         last = step == tc.max_steps and not self._held_out_is_validation()
         if self.val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
             t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from iceaggr.remote import filesystem_for
 from iceaggr.tracking import LOOPBACK_HOSTS
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,18 @@ REMOTE_STORAGE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs:
 def remote_path(path: str) -> bool:
     """An object-store URI (``s3://...``) rather than a folder."""
     return path.startswith(REMOTE_STORAGE_SCHEMES)
+
+
+def ray_storage(path: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` as Ray's ``RunConfig`` takes them.
+
+    An ``s3://`` URI becomes ``bucket/prefix`` with an S3 filesystem that uses
+    ``AWS_ENDPOINT_URL`` (Ray resolves a URI with pyarrow's ``FileSystem.from_uri``, which
+    ignores that variable); anything else is Ray's to resolve (filesystem None)."""
+    if path.startswith("s3://"):
+        fs, fs_path = filesystem_for(path)
+        return fs_path, fs
+    return path, None
 
 
 class ClusterConfigError(ValueError):

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from iceaggr.cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_GB
 from iceaggr.probe import PROBE_BATCH_SIZE, PROBE_EVAL_EVENTS, PROBE_LRS, PROBE_STEPS
 from iceaggr.tracking import DEFAULT_WAIT_S
 from iceaggr_tune.cli_options import CLI, ENV, FLAG, METAVAR, OptionError, with_changes
@@ -81,17 +82,26 @@ class DataOptions:
     """Training data: a Kaggle-layout dataset, made synthetically on first use."""
 
     path: str = field(default="data/synthetic", metadata={FLAG: "data"})
-    """Kaggle-layout dataset folder; synthetic events are made there on first use when it
-    holds no dataset."""
+    """Kaggle-layout dataset folder (synthetic events are made there on first use when it
+    holds no dataset), or the dataset in object storage, s3://bucket/prefix (AWS_ENDPOINT_URL
+    names an S3-compatible server; credentials from the environment or the instance profile);
+    checked before Ray starts, each node then fetches the files its trials read."""
     events: int = 24_000
     """Synthetic events made on first use."""
     events_per_file: int = 8_000
     """Synthetic events per batch file made on first use (the last file validates)."""
     seed: int = field(default=0, metadata={FLAG: "data-seed"})
     """Seed of the synthetic events made on first use."""
+    cache_dir: str = field(default=DEFAULT_CACHE_DIR, metadata={FLAG: "data-cache-dir"})
+    """With s3:// data: the folder on each node where the dataset's files are kept once
+    fetched, shared by the trials on that node."""
+    cache_gb: float = field(default=DEFAULT_CACHE_GB, metadata={FLAG: "data-cache-gb"})
+    """With s3:// data: size limit of each node's cache folder in GB; least recently used
+    files are removed first."""
 
     def __post_init__(self) -> None:
         _require(self, 1, "events", "events_per_file")
+        _require(self, 0, "cache_gb", strict=True)
 
 
 @dataclass(kw_only=True)

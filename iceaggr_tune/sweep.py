@@ -51,6 +51,7 @@ from iceaggr.config import (
     to_dict,
 )
 from iceaggr.probe import CELL_METRIC, COLUMNS, Cell, Column
+from iceaggr.remote import is_uri
 from iceaggr.stability_table import write_table
 from iceaggr.tracking import (
     RunLogger,
@@ -60,7 +61,7 @@ from iceaggr.tracking import (
     redact_uri,
     sync_spool,
 )
-from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, remote_path
+from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, ray_storage, remote_path
 from iceaggr_tune.early_stop import create_board
 from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
 from iceaggr_tune.mlflow_watch import MlflowWatch
@@ -131,7 +132,9 @@ def base_experiment(opts: SweepOptions) -> ExperimentConfig:
         preset = debug_config() if opts.smoke_test else baseline_config()
         data = apply_overrides(to_dict(preset), opts.model_overrides)
         cfg = from_dict(ExperimentConfig, data, "--set")
-    cfg.data.path = str(Path(opts.data.path).resolve())
+    data = opts.data
+    cfg.data.path = data.path if is_uri(data.path) else str(Path(data.path).resolve())
+    cfg.data.cache_dir, cfg.data.cache_gb = data.cache_dir, data.cache_gb
     cfg.data.val_files = 1
     cfg.data.prefetch = 0  # one CPU per worker: no loader thread competing with the step
     cfg.train.seed = opts.seed
@@ -139,12 +142,17 @@ def base_experiment(opts: SweepOptions) -> ExperimentConfig:
     return cfg
 
 
-def ensure_data(data: DataOptions) -> Path:
+def ensure_data(data: DataOptions) -> Path | str:
     """The dataset folder, generated from physics on first use, then checked (every batch
     file's footer, columns and row count) before anything starts on Ray, so a cut-off or
-    mismatched file stops the sweep at once with its name instead of failing every trial."""
+    mismatched file stops the sweep at once with its name instead of failing every trial.
+    An ``s3://`` dataset is checked where it is (footers by ranged reads), never made."""
+    from iceaggr.cache import FileCache
     from iceaggr.dataset import KaggleDataset
 
+    if is_uri(data.path):
+        KaggleDataset(data.path, cache=FileCache(data.cache_dir, data.cache_gb)).preflight()
+        return data.path
     path = Path(data.path)
     if not (path / "train_meta.parquet").exists():
         from iceaggr.synth import write_synthetic_dataset
@@ -280,11 +288,13 @@ def open_parent_run(opts: SweepOptions, name: str, sweep_dir: Path) -> str:
 def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str, tune_root: str):
     from iceaggr_tune.trial import TrialSettings
 
+    root, fs = ray_storage(tune_root)
     return TrialSettings(
         base=to_dict(base),
         part=part,
         parent_run_id=parent,
-        storage_path=f"{tune_root}/train",
+        storage_path=f"{root}/train",
+        storage_filesystem=fs,
         tracking=opts.tracking,
         resources=opts.resources,
         report_every=opts.early_stop.report_every,
@@ -326,11 +336,16 @@ def fit_part(
     from ray import tune
 
     trainable = _trainable(settings)
-    exp_dir = f"{tune_root}/{part}"
-    if opts.resume and tune.Tuner.can_restore(exp_dir):
-        log.info("resuming %s", exp_dir)
+    root, fs = ray_storage(tune_root)  # s3:// with AWS_ENDPOINT_URL: Ray gets the filesystem
+    exp_dir = f"{root}/{part}"
+    if opts.resume and tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
+        log.info("resuming %s/%s", tune_root, part)
         tuner = tune.Tuner.restore(
-            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+            exp_dir,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
         )
         return tuner.fit()
     tuner = tune.Tuner(
@@ -344,7 +359,8 @@ def fit_part(
         ),
         run_config=tune.RunConfig(
             name=part,
-            storage_path=tune_root,
+            storage_path=root,
+            storage_filesystem=fs,
             verbose=1,
             progress_reporter=_reporter(list(param_space)),
         ),
@@ -734,13 +750,13 @@ def _search_part(run: _Run) -> None:
 def _record_search_landscape(run: _Run, results: Any) -> None:
     """The search's rows, the line fit and random on the same validation events, as
     ``search_trials.json`` and ``search_landscape.png`` (sweep folder and parent run)."""
-    from iceaggr.dataset import KaggleDataset, split_batch_ids
+    from iceaggr.dataset import split_batch_ids
     from iceaggr_tune.summary import reference_errors, search_rows
 
     result = run.result
     result.search_trials = search_rows(results)
     try:
-        _, val_ids = split_batch_ids(KaggleDataset(run.base.data.path).batch_ids, 1)
+        _, val_ids = split_batch_ids(run.base.data.open().batch_ids, 1)
         result.references = reference_errors(
             run.base.data.path, val_ids, run.opts.search.val_events
         )

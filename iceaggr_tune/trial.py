@@ -61,6 +61,9 @@ class TrialSettings:
     parent_run_id: str
     storage_path: str
     """Where Ray Train writes checkpoints; every node must reach it on a cluster."""
+    storage_filesystem: Any = None
+    """The ``pyarrow.fs`` filesystem of an ``s3://`` storage_path (then ``bucket/prefix``
+    without the scheme), as Ray's ``RunConfig(storage_filesystem=...)`` takes it."""
     tracking: TrackingOptions
     resources: ResourceOptions
     report_every: int = 5
@@ -270,6 +273,7 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=settings.storage_path,
+            storage_filesystem=settings.storage_filesystem,
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
         ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,3 +218,89 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ray.init(num_cpus=3, include_dashboard=True)
         yield ray.get_runtime_context().gcs_address
         ray.shutdown()
+
+
+class S3Server:
+    """A real S3-compatible server (moto's) on 127.0.0.1 with one bucket, reached the way the
+    project reaches any such server: ``AWS_ENDPOINT_URL`` and the standard credential
+    variables (moto takes any key)."""
+
+    BUCKET = "iceaggr-test"
+    ENV: typing.ClassVar[dict[str, str]] = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # never ask for an instance profile here
+    }
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**self.ENV, "AWS_ENDPOINT_URL": self.url}
+
+    def start(self) -> None:
+        import boto3
+
+        self.server.start()
+        boto3.client("s3", endpoint_url=self.url, **self._boto_args()).create_bucket(
+            Bucket=self.BUCKET
+        )
+
+    def _boto_args(self) -> dict[str, str]:
+        return {
+            "aws_access_key_id": self.ENV["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": self.ENV["AWS_SECRET_ACCESS_KEY"],
+            "region_name": self.ENV["AWS_DEFAULT_REGION"],
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, **self._boto_args())
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        """Copy ``folder`` to ``s3://<bucket>/<prefix>`` (as ``aws s3 sync`` would)."""
+        client = self.client()
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+                client.upload_file(str(path), self.BUCKET, key)
+        return f"s3://{self.BUCKET}/{prefix}"
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = (
+            self.client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.BUCKET, Prefix=prefix)
+        )
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    """A local S3-compatible server for the module, its address and test credentials in the
+    environment (restored afterwards) so that processes started meanwhile inherit them."""
+    import os
+
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

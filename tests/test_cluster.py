@@ -232,3 +232,56 @@ def test_multinode_sweep_logs_every_node_to_the_server(
     assert set(trained_on.values()) == set(worker_node_ids), "both worker nodes trained trials"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert "stability_table.md" in artifacts  # uploaded through the server
+
+
+def _uncommented_keys(text: str) -> list[str]:
+    """Keys of block mappings with neither a comment line right above nor one on their line
+    (keys inside list items, and the entries of file_mounts, are described by their parent's
+    comment)."""
+    lines = text.splitlines()
+    missing, item_indent, parent_mounts = [], None, None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if item_indent is not None and indent <= item_indent and not stripped.startswith("- "):
+            item_indent = None
+        if stripped.startswith("- "):
+            item_indent = indent if item_indent is None else min(item_indent, indent)
+            continue
+        if item_indent is not None and indent > item_indent:
+            continue
+        if parent_mounts is not None and indent > parent_mounts:
+            continue
+        parent_mounts = indent if stripped.startswith("file_mounts:") else None
+        if ":" not in stripped or "#" in line:
+            continue
+        above = next((p.strip() for p in reversed(lines[:i]) if p.strip()), "")
+        if not above.startswith("#"):
+            missing.append(f"line {i + 1}: {stripped}")
+    return missing
+
+
+def test_every_cluster_yaml_key_has_a_comment():
+    assert _uncommented_keys(CLUSTER_YAML.read_text()) == []
+    # The check itself finds a key without one.
+    assert _uncommented_keys("# a\ncluster_name: x\nmax_workers: 2\n") == ["line 3: max_workers: 2"]
+
+
+def test_cluster_yaml_reads_data_with_the_instance_role_and_no_keys():
+    cfg = _cluster_config()
+    workers = cfg["available_node_types"]["ray.worker.gpu"]["node_config"]
+    profile = workers["IamInstanceProfile"]
+    assert set(profile) <= {"Name", "Arn"} and all(profile.values())
+    assert "**/data" in cfg["rsync_exclude"]  # data comes from S3, not through rsync
+    for path in (CLUSTER_YAML, REPO / "cluster-onprem.yaml"):
+        text = path.read_text()
+        for word in ("AWS_ACCESS_KEY_ID=", "AWS_SECRET_ACCESS_KEY=", "aws_secret_access_key"):
+            assert word not in text, f"{path.name} sets {word}: credentials come from the role"
+    readme = (REPO / "README.md").read_text()
+    cluster_part = readme.split("## On a GPU cluster", 1)[1].split("\n## ", 1)[0]
+    assert "aws s3 sync" in cluster_part and "--data s3://" in cluster_part
+    assert "/home/ray/data" not in cluster_part  # nothing puts data there on a new node
+    onprem = (REPO / "cluster-onprem.yaml").read_text()
+    assert "AWS_ENDPOINT_URL" in onprem and "--data /shared/" in onprem

@@ -215,3 +215,25 @@ def test_no_credentials_in_tracked_files() -> None:
                 line = text[: m.start()].count("\n") + 1
                 found.append(f"{name}:{line}: {what}: {m.group(0)[:40]}")
     assert not found, "\n".join(found)
+
+
+def test_no_sweep_option_takes_storage_credentials() -> None:
+    """Object-storage credentials come from the AWS standard chain (environment, ~/.aws, the
+    instance profile), never from a flag that would land in sweep.json and MLflow params."""
+    import dataclasses
+
+    from iceaggr_tune.options import SweepOptions
+
+    def names(cls: type, prefix: str = "") -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            inner = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if inner is not None and dataclasses.is_dataclass(inner):
+                out += names(inner, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+            else:
+                out.append(prefix + f.name)
+        return out
+
+    fields = names(SweepOptions)
+    assert "data.path" in fields and "data.cache_dir" in fields
+    assert not [n for n in fields if re.search(r"(?i)secret|access_key|credential|password", n)]
