@@ -207,7 +207,7 @@ class KaggleDataset:
         """Every batch id the metadata lists has its batch file: otherwise its events would
         be lost without a word. Reads only the ``batch_id`` column, one row group at a time."""
         listed: dict[int, int] = {}
-        meta = pq.ParquetFile(self.meta_path)
+        meta = pq.ParquetFile(self._meta_source)
         for chunk in meta.iter_batches(columns=["batch_id"], batch_size=1 << 20):
             ids, counts = np.unique(chunk.column(0).to_numpy(), return_counts=True)
             for b, n in zip(ids.tolist(), counts.tolist(), strict=True):
