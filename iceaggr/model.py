@@ -93,7 +93,9 @@ class ModelConfig:
     moment_dir + head)`` with the head's output ~0.02: the model starts from the line fit and
     learns a correction. 0 is the earlier zero init, under which every trial sat at ~1.58 rad
     for ~60 steps (the flat start; benchmarks/learning.py, lr 1e-3, batch 64, 500 held-out
-    events: 1.5968 rad at step 20, 1.5005 at 60, 1.3031 at 100). Ignored by arch "original"."""
+    events, one thread on a 2-core CPU: 1.5968 rad at step 20, 1.3031 at 100; the default 1:
+    1.2123 and 1.2068; the line fit 1.1962). 0.3 let the head's shared direction back in
+    (1.2180 rad at step 20). Ignored by arch "original"."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("iceaggr", "original"):
@@ -345,7 +347,8 @@ class IceAggrModel(nn.Module):
         # weights by ~lr per step while the head's last layer moves 128 weights per logit by
         # ~lr each, all the same way (its input is nearly the same vector for every event: at
         # init the head alone gives R ~0.94), so for ~60 steps the head's shared, batch-mean
-        # direction outgrew the moment readout and every event got one direction (~1.58 rad).
+        # direction outgrew the moment readout and every event got one direction (~1.58 rad;
+        # R of the held-out predictions 0.999 at step 10, benchmarks/learning.py).
         # Started at the identity, the untrained model is the moment direction (the head adds
         # ~0.02) and training learns a correction, as seeded reconstructions do.
         self.moment_readout = nn.Linear(3, 3, bias=False)
