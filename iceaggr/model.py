@@ -94,8 +94,9 @@ class ModelConfig:
     learns a correction. 0 is the earlier zero init, under which every trial sat at ~1.58 rad
     for ~60 steps (the flat start; benchmarks/learning.py, lr 1e-3, batch 64, 500 held-out
     events, one thread on a 2-core CPU: 1.5968 rad at step 20, 1.3031 at 100; the default 1:
-    1.2123 and 1.2068; the line fit 1.1962). 0.3 let the head's shared direction back in
-    (1.2180 rad at step 20). Ignored by arch "original"."""
+    1.2123 and 1.2068; the line fit 1.1962). 0.3 let the head's shared direction back in at
+    first (1.2452 rad at step 10, 1.2180 at 20; 1.2069 at 60, the default 1.2096). Ignored by
+    arch "original"."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("iceaggr", "original"):
