@@ -6,8 +6,11 @@ process with the same number of CPU threads, through the project's own training 
 (:func:`iceaggr.train.train`: AdamW, warm-up + cosine schedule, gradient clipping, exactly as a
 real run). A report callback scores the model on a fixed held-out set (the first
 ``--val-events`` events of the last batch file, which training never sees) at log-spaced steps,
-with the competition metric (mean angular error, rad; :func:`iceaggr.losses.angular_distance`).
-The improved line fit (:mod:`iceaggr.linefit`) on the same held-out events is the reference line.
+with the competition metric (mean angular error, rad; :func:`iceaggr.losses.angular_distance`),
+and records the mean resultant length R of the predicted unit vectors on the same events (R near
+1: every event gets the same direction, the collapse of DESIGN.md section 7; the true
+directions of the held-out events have R ~0.02). The improved line fit (:mod:`iceaggr.linefit`)
+on the same held-out events is the reference line.
 
 Time is counted for training only: wall seconds (``time.perf_counter``) and CPU seconds of the
 process (``time.process_time``; with one thread and no prefetch thread this is the compute
@@ -20,14 +23,20 @@ Run from the repository root::
     python benchmarks/learning.py --model ours --set train.lr=1e-3 --set train.batch_size=64
     python benchmarks/learning.py --model ours --model ref=experiments/x.yaml \\
         --set ref:model.dropout=0.1 --set train.lr=1e-3 --steps 300
+    python benchmarks/learning.py --data data/synthetic --steps 300 --steps-at 20 60 100 300 \\
+        --model ours --model original=experiments/baseline_1m/config_fixed.yaml \\
+        --set train.lr=1e-3 --set train.batch_size=64 --set train.warmup_steps=10 \\
+        --set model.dropout=0 --val-events 500 --equal-time-at
 
 ``--model LABEL[=CONFIG.yaml]`` (repeatable; no path: :func:`iceaggr.config.baseline_config`),
 ``--set key=value`` applies to every model, ``--set LABEL:key=value`` to one. The benchmark
 itself fixes the data path, ``train.max_steps=--steps``, CPU, ``log_every=1`` and no
 checkpoints or MLflow. It prints a Markdown table (steps, seconds, validation error per model;
 then the error of every model at equal training time: at the wall and CPU seconds the slowest
-model needed for each ``--equal-time-at`` step count) and writes ``learning.json`` and
-``learning.png`` (two panels: vs steps, vs wall seconds) under ``--out``.
+model needed for each ``--equal-time-at`` step count; with ``--steps-at N ...`` first a table
+of every model's error and R at exactly those steps next to the line fit) and writes
+``learning.json`` and ``learning.png`` (two panels: vs steps, vs wall seconds) under
+``--out``.
 """
 
 from __future__ import annotations
@@ -91,6 +100,9 @@ class Curve:
     """CPU seconds of the process over the same intervals."""
     val_angle: list[float] = field(default_factory=list)
     """Mean angular error (rad) on the held-out events after ``steps`` optimizer steps."""
+    resultant: list[float] = field(default_factory=list)
+    """Mean resultant length R of the predicted unit vectors on the held-out events (1: all
+    events get one direction)."""
     train_loss: list[float] = field(default_factory=list)
     """Training loss of the step itself (nan at step 0)."""
     diverged: str | None = None
@@ -137,14 +149,19 @@ class Recorder:
         if val is None:
             total, n = evaluate(model, self.val_loader, torch.device("cpu"), nullcontext)
             val = total / max(1, n)
+        resultant = mean_resultant_length(model, self.val_loader)
         wall, cpu = (self.wall, self.cpu) if step > 0 else (0.0, 0.0)
         c = self.curve
         c.steps.append(step)
         c.seconds.append(wall)
         c.cpu_seconds.append(cpu)
         c.val_angle.append(val)
+        c.resultant.append(resultant)
         c.train_loss.append(loss)
-        log.info("%s: step %d, %.1f s (cpu %.1f s), val %.4f rad", c.label, step, wall, cpu, val)
+        log.info(
+            "%s: step %d, %.1f s (cpu %.1f s), val %.4f rad, R %.3f",
+            c.label, step, wall, cpu, val, resultant,
+        )  # fmt: skip
 
     def __call__(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> bool:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -161,6 +178,19 @@ class Recorder:
             self._record(self.model, step, metrics["loss"], metrics.get("val_angle"))
         self._resumed = (time.perf_counter(), time.process_time())
         return False
+
+
+@torch.no_grad()
+def mean_resultant_length(model: nn.Module, loader: EventLoader) -> float:
+    """Length of the mean of the model's unit predictions over one pass of ``loader``."""
+    was_training = model.training
+    model.eval()
+    total, n = torch.zeros(3, dtype=torch.float64), 0
+    for b in loader.iter_epoch(0):
+        total += model(b).direction.double().sum(dim=0)  # (3,)
+        n += b.num_events
+    model.train(was_training)
+    return float(total.norm() / max(1, n))
 
 
 def checkpoint_steps(steps: int, count: int, marks: list[int]) -> set[int]:
@@ -288,16 +318,38 @@ def equal_time(curves: list[Curve], marks: list[int], clock: str) -> list[dict[s
     return rows
 
 
-def format_tables(curves: list[Curve], line_fit_err: float, eq: list[dict[str, Any]]) -> str:
-    """The Markdown report: one row per checkpoint, then the equal-time comparison."""
-    out = []
+def steps_at_table(curves: list[Curve], line_fit_err: float, steps_at: list[int]) -> str:
+    """Every model's error (and R) at exactly the ``steps_at`` steps, next to the line fit."""
+    labels = [c.label for c in curves]
+    out = ["\n### Validation error (rad) at fixed steps; R in brackets"]
+    out.append("\n| step | " + " | ".join(labels) + " | line fit |")
+    out.append("|---:|" + "---:|" * (len(labels) + 1))
+    for step in steps_at:
+        cells = []
+        for c in curves:
+            if step in c.steps:
+                i = c.steps.index(step)
+                cells.append(f"{c.val_angle[i]:.4f} ({c.resultant[i]:.3f})")
+            else:
+                cells.append("—")
+        out.append(f"| {step} | " + " | ".join(cells) + f" | {line_fit_err:.4f} |")
+    return "\n".join(out)
+
+
+def format_tables(
+    curves: list[Curve], line_fit_err: float, eq: list[dict[str, Any]], steps_at: list[int]
+) -> str:
+    """The Markdown report: the fixed-step table, one row per checkpoint and model, then the
+    equal-time comparison."""
+    out = [steps_at_table(curves, line_fit_err, steps_at)] if steps_at else []
     for c in curves:
         out.append(f"\n### {c.label} ({c.num_parameters:,} parameters)")
         if c.diverged:
             out.append(f"\n{c.diverged}")
-        out.append("\n| step | wall s | cpu s | val error (rad) |\n|---:|---:|---:|---:|")
-        for s, w, p, v in zip(c.steps, c.seconds, c.cpu_seconds, c.val_angle, strict=True):
-            out.append(f"| {s} | {w:.1f} | {p:.1f} | {v:.4f} |")
+        out.append("\n| step | wall s | cpu s | val error (rad) | R |\n|---:|---:|---:|---:|---:|")
+        rows = zip(c.steps, c.seconds, c.cpu_seconds, c.val_angle, c.resultant, strict=True)
+        for s, w, p, v, r in rows:
+            out.append(f"| {s} | {w:.1f} | {p:.1f} | {v:.4f} | {r:.3f} |")
     out.append(f"\nImproved line fit on the same held-out events: {line_fit_err:.4f} rad")
     out.append(f"(random guessing: {math.pi / 2:.4f} rad)")
     if eq:
@@ -387,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1_500)
     p.add_argument("--checkpoints", type=int, default=12, help="log-spaced evaluations")
     p.add_argument("--equal-time-at", type=int, nargs="*", default=[300, 1_500])
+    p.add_argument(
+        "--steps-at",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also evaluate at exactly these steps and print them as one table",
+    )
     p.add_argument("--val-events", type=int, default=2_000)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -406,18 +465,20 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = {s.label: model_config(s, args) for s in specs}
     check_same_batches(cfgs)
     marks = sorted({m for m in args.equal_time_at if m <= args.steps} | {args.steps})
-    checkpoints = checkpoint_steps(args.steps, args.checkpoints, marks)
+    steps_at = sorted({s for s in args.steps_at if 0 <= s <= args.steps})
+    checkpoints = checkpoint_steps(args.steps, args.checkpoints, marks + steps_at)
     _, val_ids = split_batch_ids(KaggleDataset(args.data).batch_ids, 1)
     line_fit_err = line_fit_error(args.data, val_ids, args.val_events)
     curves = [run_model(cfg, label, checkpoints) for label, cfg in cfgs.items()]
     eq = equal_time(curves, marks, "seconds") + equal_time(curves, marks, "cpu_seconds")
-    report = format_tables(curves, line_fit_err, eq)
+    report = format_tables(curves, line_fit_err, eq, steps_at)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {
         "data": str(args.data),
         "steps": args.steps,
         "val_events": args.val_events,
+        "steps_at": steps_at,
         "threads": args.threads,
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "line_fit_val_angle": line_fit_err,

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,6 +86,17 @@ class ModelConfig:
     so on it False is not the original failure."""
     attention: Literal["packed", "padded"] = "packed"
     """"packed" (length buckets) or "padded" (naive reference, same parameters)."""
+    moment_prior: float = 1.0
+    """Initial weight of the event's moment direction (the line fit's direction, see
+    ``IceAggrModel.__init__``) in the direction logits: the readout starts as
+    ``moment_prior * identity``, so the untrained prediction is ``normalize(moment_prior *
+    moment_dir + head)`` with the head's output ~0.02: the model starts from the line fit and
+    learns a correction. 0 is the earlier zero init, under which every trial sat at ~1.58 rad
+    for ~60 steps (the flat start; benchmarks/learning.py, lr 1e-3, batch 64, 500 held-out
+    events, one thread on a 2-core CPU: 1.5968 rad at step 20, 1.3031 at 100; the default 1:
+    1.2123 and 1.2068; the line fit 1.1962). 0.3 let the head's shared direction back in at
+    first (1.2452 rad at step 10, 1.2180 at 20; 1.2069 at 60, the default 1.2096). Ignored by
+    arch "original"."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("iceaggr", "original"):
@@ -112,6 +124,10 @@ class ModelConfig:
             raise ValueError(f"attention must be 'packed' or 'padded', got {self.attention!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+        if not (math.isfinite(self.moment_prior) and self.moment_prior >= 0):
+            raise ValueError(
+                f"moment_prior must be a finite number >= 0 (0: no prior), got {self.moment_prior}"
+            )
 
 
 def debug_model_config(**overrides: object) -> ModelConfig:
@@ -325,15 +341,20 @@ class IceAggrModel(nn.Module):
         # synthetic events -normalize(mean moment) alone scores 1.205 rad. The paths above never
         # learned to use it in 300 steps (lr 1e-3, batch 64: 1.508 rad, a constant direction
         # scores ~1.52-1.54): the mean moments are ~0.06 in size and Adam grows a weight by
-        # about lr per step, so even a zero-init linear readout of the raw mean moments added to
-        # the direction logits was still at 1.513 rad after 300 steps, while the same readout of
-        # the unit vector reached 1.29 rad by step 100 and 1.205 by step 300. So the head gets
-        # that unit vector through a linear map, zero at init and made last (the other
-        # parameters draw the same random numbers as without it): the untrained model is
-        # unchanged and learns how much to trust the moment direction. The vector is
-        # scale-free, so raw inputs (normalize=false) give it the same size.
+        # about lr per step, so the head gets the moment's unit vector (scale-free: raw inputs,
+        # normalize=false, give it the same size) through a linear map of its own, made last
+        # (the other parameters draw the same random numbers as without it).
+        # That map starts at moment_prior * identity, not at zero. From zero, Adam grows its 9
+        # weights by ~lr per step while the head's last layer moves 128 weights per logit by
+        # ~lr each, all the same way (its input is nearly the same vector for every event: at
+        # init the head alone gives R ~0.94), so for ~60 steps the head's shared, batch-mean
+        # direction outgrew the moment readout and every event got one direction (~1.58 rad;
+        # R of the held-out predictions 0.999 at step 10, benchmarks/learning.py).
+        # Started at the identity, the untrained model is the moment direction (the head adds
+        # ~0.02) and training learns a correction, as seeded reconstructions do.
         self.moment_readout = nn.Linear(3, 3, bias=False)
-        nn.init.zeros_(self.moment_readout.weight)
+        with torch.no_grad():
+            self.moment_readout.weight.copy_(cfg.moment_prior * torch.eye(3))
         logger.debug("IceAggrModel: %d parameters, %s", self.num_parameters(), cfg)
 
     @staticmethod

@@ -53,7 +53,7 @@ def test_smoke_two_models_same_batches(
 ) -> None:
     out = tmp_path / "out"
     argv = ["--data", str(small_dataset), "--steps", "10", "--checkpoints", "2"]
-    argv += ["--equal-time-at", "5", "--val-events", "64", "--out", str(out)]
+    argv += ["--equal-time-at", "5", "--steps-at", "5", "--val-events", "64", "--out", str(out)]
     argv += ["--model", "a", "--model", "b", "--set", "b:train.lr=1e-3"]
     argv += [f"--set={s}" for s in DEBUG_MODEL]
     assert learning.main(argv) == 0
@@ -68,6 +68,8 @@ def test_smoke_two_models_same_batches(
         assert c["seconds"][0] == 0.0 and c["seconds"][1] < c["seconds"][2]
         assert all(0.0 < v < math.pi for v in c["val_angle"])
         assert math.isnan(c["train_loss"][0]) and c["train_loss"][2] > 0
+        # R: length of the mean unit prediction, one per checkpoint.
+        assert len(c["resultant"]) == 3 and all(0.0 <= r <= 1.0 + 1e-9 for r in c["resultant"])
         assert c["config"]["train"]["max_steps"] == 10
         assert c["config"]["data"]["prefetch"] == 0
     # Shared overrides reach every model, own ones only theirs.
@@ -90,6 +92,10 @@ def test_smoke_two_models_same_batches(
     assert (out / "learning.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "### a (" in printed and "Validation error at equal training time" in printed
+    assert doc["steps_at"] == [5]
+    row = next(line for line in printed.splitlines() if line.startswith("| 5 | "))
+    a5 = curves["a"]["steps"].index(5)
+    assert f"{curves['a']['val_angle'][a5]:.4f} ({curves['a']['resultant'][a5]:.3f})" in row
 
 
 def test_line_fit_error_is_the_librarys_line_fit(learning: ModuleType, small_dataset: Path) -> None:

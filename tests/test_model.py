@@ -198,6 +198,8 @@ def test_dropout_changes_train_output_and_eval_is_deterministic() -> None:
         ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
         ({"attention": "flash"}, "attention must be 'packed' or 'padded', got 'flash'"),
         ({"normalize": "yes"}, "normalize must be true or false"),
+        ({"moment_prior": -1.0}, "moment_prior must be a finite number >= 0"),
+        ({"moment_prior": float("nan")}, "moment_prior must be a finite number >= 0"),
     ],
 )
 def test_config_validation(overrides: dict[str, object], match: str) -> None:
@@ -257,8 +259,9 @@ def test_pulse_with_all_zero_normalized_features_keeps_gradients_tame(d_model: i
     assert total < 1e3, f"pre-clip gradient norm {total:.3g}"
 
 
-def test_moment_readout_starts_at_zero_so_the_untrained_model_is_the_head_alone() -> None:
-    model = make_model()
+def test_moment_prior_zero_makes_the_untrained_model_the_head_alone() -> None:
+    # moment_prior=0 is the earlier default (the flat start): the head alone decides.
+    model = make_model(moment_prior=0.0)
     batch = make_batch(EVENT_DOM_LENGTHS)
     assert torch.equal(model.moment_readout.weight, torch.zeros(3, 3))
     with torch.no_grad():
@@ -310,3 +313,46 @@ def test_moment_direction_is_unit_length_whatever_the_input_scale(normalize: boo
     torch.testing.assert_close(
         feats.moment_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
     )
+
+
+def track_batch(came_from: torch.Tensor) -> DomBatch:
+    """Concatenated :func:`track_event` batches, one event per row of ``came_from`` (E, 3)."""
+    events = [track_event(d) for d in came_from]
+    zero = torch.zeros(1, dtype=torch.long)
+    pulses_per_dom = torch.cat([e.dom_lengths() for e in events])
+    doms_per_event = torch.tensor([int(e.cu_doms[-1]) for e in events])
+    return DomBatch(
+        pulses=torch.cat([e.pulses for e in events]),
+        cu_pulses=torch.cat([zero, pulses_per_dom.cumsum(0)]),
+        dom_xyz=torch.cat([e.dom_xyz for e in events]),
+        sensor_id=torch.cat([e.sensor_id for e in events]),
+        cu_doms=torch.cat([zero, doms_per_event.cumsum(0)]),
+        event_id=torch.arange(len(events)),
+        direction=came_from,
+    )
+
+
+@pytest.mark.parametrize("prior", [1.0, 2.5])
+def test_moment_readout_starts_at_the_configured_prior(prior: float) -> None:
+    model = make_model(moment_prior=prior)
+    torch.testing.assert_close(model.moment_readout.weight, prior * torch.eye(3))
+    assert ModelConfig().moment_prior == 1.0  # the default starts from the moment direction
+
+
+def test_untrained_model_follows_the_moment_direction_not_one_direction() -> None:
+    # 32 straight tracks from isotropic directions (their mean unit vector has length ~0.22).
+    # With the default prior the untrained model predicts each track's own direction (the head
+    # adds ~0.02 to a unit logit), so its predictions are as spread as the truth; with the
+    # readout at zero the same network gives every event one direction (R ~1: the collapse
+    # behind the flat start).
+    g = torch.Generator().manual_seed(1)
+    came_from = torch.nn.functional.normalize(torch.randn(32, 3, generator=g), dim=-1)
+    batch = track_batch(came_from)
+    truth_r = came_from.mean(0).norm().item()
+    for seed in range(2):
+        with torch.no_grad():
+            prior = make_model(seed=seed)(batch).direction  # (32, 3)
+            zero = make_model(seed=seed, moment_prior=0.0)(batch).direction
+        assert prior.mean(0).norm().item() == pytest.approx(truth_r, abs=0.01)
+        assert angular_distance(prior, came_from).max().item() < 0.02
+        assert zero.mean(0).norm().item() > 0.99
