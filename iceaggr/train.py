@@ -45,6 +45,7 @@ from torch import nn
 from iceaggr.batch import DomBatch
 from iceaggr.config import ExperimentConfig, to_dict
 from iceaggr.dataset import KaggleDataset, split_batch_ids
+from iceaggr.held_out import HeldOutCache, score_key, state_hash
 from iceaggr.hooks import CallbackHook, Hook, ProgressHook, ReportFn
 from iceaggr.loader import EventLoader
 from iceaggr.losses import angular_distance, training_loss, vmf_nll
@@ -97,6 +98,9 @@ class TrainResult:
     """The same after the last step (None when the run diverged)."""
     fixed_batch_events: int = 0
     """Events in the fixed held-out set."""
+    fixed_batch_initial_shared: bool = False
+    """``fixed_batch_loss_initial`` was read from a held-out cache (computed by another run
+    from the same initial weights; :mod:`iceaggr.held_out`)."""
     fixed_batch_change_stderr: float | None = None
     """Standard error of the final-minus-initial loss change over those events (paired: the
     spread of the per-event changes / sqrt(events)); None after a resume or a divergence."""
@@ -430,6 +434,7 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         track_fixed_batch: bool = False,
         build_data: bool = True,
+        held_out_cache: str | Path | None = None,
     ) -> None:
         t_setup = time.perf_counter()
         tc = cfg.train
@@ -470,6 +475,7 @@ class Trainer:
         )
         self.fixed_batches: list[DomBatch] = []
         self._fixed_initial: torch.Tensor | None = None  # (N,) per-event losses before step 1
+        self.held_out_cache = HeldOutCache(held_out_cache) if held_out_cache else None
         if build_data:
             self._batches = self._audited_batches()
         self.result.add_time("setup_s", t_setup)
@@ -564,8 +570,36 @@ class Trainer:
         self.fixed_batches = [b.to(self.device) for b in self.val_loader.iter_epoch(0)]
         self.result.fixed_batch_events = sum(b.num_events for b in self.fixed_batches)
         if self.result.fixed_batch_loss_initial is None:
-            self._fixed_initial = self.fixed_set_losses()
+            if self.held_out_cache is None:
+                self._fixed_initial = self.fixed_set_losses()
+            else:
+                self._fixed_initial, shared = self.held_out_cache.initial_losses(
+                    score_key(self._held_out_identity()),
+                    state_hash(self.model),
+                    self.fixed_set_losses,
+                )
+                self.result.fixed_batch_initial_shared = shared
             self.result.fixed_batch_loss_initial = float(self._fixed_initial.mean())
+
+    def _held_out_identity(self) -> dict[str, Any]:
+        """What the untrained model's held-out score depends on: the model (its initial
+        weights are also hashed), the held-out events, the loss and the arithmetic. Not the
+        learning rate or anything else of the optimizer, which act only from the first step."""
+        cfg, tc = self.cfg, self.cfg.train
+        return {
+            "model": asdict(cfg.model),
+            "seed": tc.seed,
+            "loss": tc.loss,
+            "bf16": self.use_bf16,
+            "device": self.device.type,
+            "data": str(Path(cfg.data.path).resolve()),
+            "val_files": cfg.data.val_files,
+            "max_val_events": cfg.data.max_val_events,
+            "truncation": asdict(cfg.data.truncation()),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "events": self.result.fixed_batch_events,
+        }
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bf16 autocast when ``train.precision`` asks for it (``auto``: on CUDA)."""
@@ -825,6 +859,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     track_fixed_batch: bool = False,
     progress: bool = True,
+    held_out_cache: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg``; returns a :class:`TrainResult` (diverged runs return, never raise).
 
@@ -850,6 +885,7 @@ def train(
         resume_from=resume_from,
         checkpoint_dir=checkpoint_dir,
         track_fixed_batch=track_fixed_batch,
+        held_out_cache=held_out_cache,
     ).fit()
 
 

@@ -86,6 +86,9 @@ OPTUNA_STUDY = "search"
 SPOOL_DIR = "mlflow-spool"
 """Folder of a sweep where trials keep MLflow records not sent yet (folder storage)."""
 NODE_SPOOL_DIR = f"~/.cache/iceaggr/{SPOOL_DIR}"
+HELD_OUT_DIR = "held-out-initial"
+"""Folder of a sweep where table cells share the untrained model's held-out score."""
+NODE_HELD_OUT_DIR = f"~/.cache/iceaggr/{HELD_OUT_DIR}"
 REDACTED_USER = "://***@"
 """What :func:`~iceaggr.tracking.redact_uri` leaves where a URI had credentials."""
 
@@ -113,6 +116,8 @@ class SweepResult:
     """Line fit and random guessing on the search's validation events (rad)."""
     interrupted: bool = False
     wall_seconds: float = 0.0
+    part_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each part (``table``, ``search``) from its start to its summary."""
     overhead: dict[str, float] = field(default_factory=dict)
 
 
@@ -289,6 +294,13 @@ def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str
         # Shared with the sweep driver (which sends what dead trials left) when storage is a
         # folder; with s3:// storage, a folder on each training node (`iceaggr mlflow-sync`).
         mlflow_spool_dir=NODE_SPOOL_DIR if remote_path(tune_root) else f"{tune_root}/{SPOOL_DIR}",
+        # The untrained score of a table column, shared by its cells (per node on a cluster
+        # with remote storage: each node scores each column once).
+        held_out_cache=(
+            f"{NODE_HELD_OUT_DIR}/{Path(tune_root).name}"
+            if remote_path(tune_root)
+            else f"{tune_root}/{HELD_OUT_DIR}"
+        ),
     )
 
 
@@ -567,12 +579,22 @@ OVERHEAD_PARTS: dict[str, str] = {
 }
 """Where a trial's time outside the training steps goes: the metrics its last report carries
 (:func:`iceaggr_tune.trial.train_fn_per_worker`) and their labels."""
+WORKER_START_PARTS: dict[str, str] = {
+    "t_ray_schedule_s": "controller, placement, process ready",
+    "t_ray_process_s": "worker process start-up",
+    "t_ray_imports_s": "imports (torch, Ray Train, ours)",
+    "t_ray_dist_init_s": "torch.distributed set-up",
+    "t_ray_other_s": "other (Ray Train context)",
+}
+"""The parts of ``t_worker_start_s`` (:func:`iceaggr_tune.worker_start.start_parts`)."""
 
 
 def trial_overhead(results: Any) -> dict[str, float]:
     """Per-trial wall time (Tune's ``time_total_s``) minus time inside training steps, with the
-    mean of each part of :data:`OVERHEAD_PARTS`; ``rest_s`` is what none of them holds (Ray
-    Train's controller and worker shutdown, Tune's bookkeeping, the last report's wait)."""
+    mean of each part of :data:`OVERHEAD_PARTS` (and of :data:`WORKER_START_PARTS`, inside
+    the worker-group start); ``rest_s`` is what none of them holds (Ray Train's controller and
+    worker shutdown, Tune's bookkeeping, the last report's wait); ``peak_memory_mb`` (mean) and
+    ``peak_memory_mb_max`` what the workers reported."""
     rows = [
         r.metrics
         for r in results
@@ -596,6 +618,10 @@ def trial_overhead(results: Any) -> dict[str, float]:
     }
     parts = {key: mean(key) for key in OVERHEAD_PARTS}
     out |= parts
+    out |= {key: mean(key) for key in WORKER_START_PARTS if any(key in m for m in rows)}
+    if any("peak_memory_mb" in m for m in rows):
+        out["peak_memory_mb_max"] = max(float(m.get("peak_memory_mb", 0.0)) for m in rows)
+        out["peak_memory_mb"] = mean("peak_memory_mb")
     # The worker's own time outside steps and the parts above are disjoint by construction.
     inside_worker = (
         mean("t_worker_s")
@@ -637,9 +663,13 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     try:
         run = _Run(opts, base, tune_root, sweep_dir, plog, result)
         if opts.run_table:
+            t_part = time.time()
             _table_part(run)
+            result.part_seconds["table"] = time.time() - t_part
         if opts.run_search and not result.interrupted:
+            t_part = time.time()
             _search_part(run)
+            result.part_seconds["search"] = time.time() - t_part
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
