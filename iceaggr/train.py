@@ -716,7 +716,8 @@ class Trainer:
             "pulses_dropped": float(stats.pulses_in - stats.pulses_kept),
         }
         last = step == tc.max_steps and not self._held_out_is_validation()
-        if self.val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
+        due = (tc.eval_every and step % tc.eval_every == 0) or step in tc.eval_steps or last
+        if self.val_loader is not None and due:
             t0 = time.perf_counter()
             metrics["val_angle"] = self.result.val_angle = self.evaluate()
             self.result.add_time("validation_s", t0)

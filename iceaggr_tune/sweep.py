@@ -60,7 +60,7 @@ from iceaggr.tracking import (
     sync_spool,
 )
 from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, remote_path
-from iceaggr_tune.early_stop import create_board
+from iceaggr_tune.early_stop import create_board, rung_reports
 from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
 from iceaggr_tune.mlflow_watch import MlflowWatch
 from iceaggr_tune.options import (
@@ -427,7 +427,13 @@ def search_config(base: ExperimentConfig, search: SearchOptions, early: EarlySto
     every = early.report_every
     divisors = [d for d in range(1, every // 2 + 1) if every % d == 0]
     cfg.train.log_every = max(divisors) if divisors else 1
-    cfg.train.eval_every = early.report_every
+    # Validation (~6 s of a core per 1,000 events for this project's model) where a decision
+    # reads it: the early-stopping rungs and the last step (Optuna's value); every report with
+    # --validate-every-report.
+    n_reports = max(1, search.steps // every)
+    rungs = rung_reports(min(early.grace_reports, n_reports), early.reduction_factor, n_reports)
+    cfg.train.eval_every = every if early.validate_every_report else 0
+    cfg.train.eval_steps = tuple(r * every for r in rungs)
     cfg.train.checkpoint_every = early.report_every
     cfg.data.max_val_events = search.val_events
     return cfg
