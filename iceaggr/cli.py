@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from iceaggr import probe
+    from iceaggr import probe, stability_table
     from iceaggr.config import load_config
 
     overrides = [*args.set, f"data.path={args.data}"]
@@ -78,8 +78,8 @@ def _probe(args: argparse.Namespace) -> int:
         "data": args.data,
         "grad_norm_warn": cfg.train.grad_norm_warn,
     }
-    md, js = probe.write_table(cells, args.out, meta=meta)
-    print(probe.format_table(cells, cfg.train.grad_norm_warn, original_measure=True))
+    md, js = stability_table.write_table(cells, args.out, meta=meta)
+    print(md.read_text(), end="")
     print(f"\nwritten: {md} and {js}")
     return 0
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from iceaggr.collapse import COLLAPSE_RESULTANT
 from iceaggr.loader import Truncation
 from iceaggr.losses import LossKind
 from iceaggr.model import ModelConfig, baseline_model_config, debug_model_config
@@ -107,6 +108,10 @@ class TrainConfig:
     """A stability-table cell whose loss fell is ⚠️ when the largest pre-clip gradient norm of
     a single parameter exceeded this. The original diagnosis saw ~110 on the raw first layer at
     lr 3e-4 (its ⚠️ row) and 4.3e8 at 1e-3, against ~1 with normalized inputs."""
+    collapse_resultant: float = COLLAPSE_RESULTANT
+    """A run whose last validation has a mean resultant length R of its unit predictions at
+    or above this is *collapsed* (one direction for every event; :mod:`iceaggr.collapse`):
+    MLflow tag ``collapsed=true``. Why 0.9: see :data:`iceaggr.collapse.COLLAPSE_RESULTANT`."""
     input_audit_batches: int = 2
     """Batches whose model inputs are audited before training."""
     input_audit_threshold: float = 100.0
@@ -136,6 +141,7 @@ class TrainConfig:
             "eval_steps": all(s >= 1 for s in self.eval_steps),
             "checkpoint_every": self.checkpoint_every >= 0,
             "mlflow_wait_s": self.mlflow_wait_s >= 0,
+            "collapse_resultant": 0 < self.collapse_resultant <= 1,
         }
         for name, ok in checks.items():
             if not ok:

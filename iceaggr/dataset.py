@@ -178,6 +178,28 @@ class KaggleDataset:
         self.batch_ids: list[int] = sorted(found)
         self._paths = found
         self._meta_cache: dict[int, dict[str, np.ndarray]] = {}
+        self._check_listed_files()
+
+    def _check_listed_files(self) -> None:
+        """Every batch id the metadata lists has its batch file: otherwise its events would
+        be lost without a word. Reads only the ``batch_id`` column, one row group at a time."""
+        listed: dict[int, int] = {}
+        meta = pq.ParquetFile(self.meta_path)
+        for chunk in meta.iter_batches(columns=["batch_id"], batch_size=1 << 20):
+            ids, counts = np.unique(chunk.column(0).to_numpy(), return_counts=True)
+            for b, n in zip(ids.tolist(), counts.tolist(), strict=True):
+                listed[b] = listed.get(b, 0) + n
+        missing = sorted(set(listed) - set(self._paths))
+        if missing:
+            b = missing[0]
+            more = f" (and {len(missing) - 1} more batch ids: {missing[1:6]}" + (
+                "...)" if len(missing) > 6 else ")"
+            ) if len(missing) > 1 else ""  # fmt: skip
+            raise DatasetError(
+                f"{self.meta_path}: lists batch_id {b} ({listed[b]:,} events), but "
+                f"{self.batch_dir / f'batch_{b}.parquet'} does not exist{more}: those events "
+                "would be lost. Restore the batch file(s), or remove their rows from the metadata."
+            )
 
     @property
     def num_sensors(self) -> int:

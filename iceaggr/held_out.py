@@ -3,7 +3,8 @@
 Every cell of one table column (a network, its normalization and a seed) starts from the same
 initial weights and is scored on the same held-out events before its first step; only the
 learning rate differs, and it plays no part before the first step. :class:`HeldOutCache`
-keeps that score (the per-event losses, float64, which the paired standard error needs) in a
+keeps that score (the per-event losses, float64, which the paired standard error needs, and the
+predicted directions, which the collapse statistics need) in a
 folder shared by the cells: the first cell of a column computes and stores it under a file
 lock, the others wait for it and read it. Each stored score carries the hash of the initial
 ``state_dict`` it was computed with (:func:`state_hash`); a cell whose own initial weights hash
@@ -69,12 +70,13 @@ class HeldOutCache:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).expanduser()
 
-    def initial_losses(
-        self, key: str, init_hash: str, compute: Callable[[], torch.Tensor]
-    ) -> tuple[torch.Tensor, bool]:
-        """(per-event losses, whether they were read from the cache): the stored ones for
+    def initial_score(
+        self, key: str, init_hash: str, compute: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """(the score's tensors, whether they were read from the cache): the stored ones for
         ``key`` when present (their initial weights must hash to ``init_hash``), else
-        ``compute()``, stored for the next cell."""
+        ``compute()`` (e.g. per-event losses and predicted directions), stored for the next
+        cell."""
         path = self.folder / f"{key}.pt"
         with _locked(self.folder / f"{key}.lock"):
             if path.exists():
@@ -87,9 +89,9 @@ class HeldOutCache:
                         "cache folder"
                     )
                 log.info("initial held-out score shared from %s", path)
-                return stored["losses"], True
-            losses = compute()
+                return tuple(stored["score"]), True
+            score = tuple(compute())
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"init_hash": init_hash, "losses": losses.cpu()}, tmp)
+            torch.save({"init_hash": init_hash, "score": [t.cpu() for t in score]}, tmp)
             os.replace(tmp, path)
-            return losses, False
+            return score, False

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from iceaggr.collapse import learned
 from iceaggr.config import ExperimentConfig
 from iceaggr.train import TrainResult, train
 
@@ -135,6 +136,30 @@ class Cell:
     """Largest finite pre-clip gradient norm of a single parameter (the ⚠️ evidence)."""
     max_param_grad_name: str | None = None
     """The parameter that had it (``named_parameters`` name)."""
+    original_status: Status | None = None
+    """The original's rule applied to the original's number (``train_loss_change``): the
+    status the published table would have given this cell."""
+    resultant_initial: float | None = None
+    """Mean resultant length R of the held-out predictions before the first step (1: one
+    direction for every event; :mod:`iceaggr.collapse`)."""
+    resultant_final: float | None = None
+    """The same after the last step (None when the cell exploded)."""
+    target_resultant: float | None = None
+    """R of the held-out events' true directions (what a perfect model would show)."""
+    const_loss: float | None = None
+    """Mean angular error of the best constant direction on the held-out events (rad)."""
+    vs_const: float | None = None
+    """Held-out angular error after the last step minus ``const_loss`` (below zero: the model
+    beats every constant direction)."""
+    vs_const_stderr: float | None = None
+    """Paired standard error of ``vs_const`` over the held-out events."""
+    stable: bool = False
+    """Finite throughout, and no parameter's pre-clip gradient norm above the ⚠️ threshold."""
+    learned: bool = False
+    """Beat the best constant direction by more than two standard errors
+    (:func:`iceaggr.collapse.learned`)."""
+    collapsed: bool = False
+    """R after the last step >= ``train.collapse_resultant``."""
 
     @property
     def text(self) -> str:
@@ -179,16 +204,6 @@ def classify(
     return "ok", change
 
 
-def warn_rule(grad_norm_warn: float) -> str:
-    """The table's footnote: what each symbol means, with the threshold in force."""
-    return (
-        f"✅ the held-out loss fell and no parameter's pre-clip gradient norm exceeded "
-        f"{grad_norm_warn:g}; ⚠️ it fell, but some parameter's did (the original's warning "
-        f"sign); ❌ Loss: it did not fall; ❌ EXPLODES: a loss, prediction or gradient went "
-        f"non-finite."
-    )
-
-
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -214,6 +229,17 @@ def cell_from_result(cfg: ExperimentConfig, result: TrainResult) -> Cell:
         else {k: v["absmax"] for k, v in result.input_audit.items()}
     )
     first, last = result.first_loss, result.last_loss
+    original_status, _ = classify(
+        diverged=diverged is not None,
+        loss_initial=first,
+        loss_final=last,
+        max_param_grad_norm=result.max_param_grad_norm,
+        grad_norm_warn=cfg.train.grad_norm_warn,
+    )
+    before = result.fixed_collapse_initial or {}
+    after = result.fixed_collapse_final or {}
+    resultant_final = after.get("resultant") if status != "explodes" else None
+    vs_const = after.get("margin") if status != "explodes" else None
     return Cell(
         lr=cfg.train.lr,
         normalize=cfg.model.normalize,
@@ -232,6 +258,16 @@ def cell_from_result(cfg: ExperimentConfig, result: TrainResult) -> Cell:
         eval_events=result.fixed_batch_events,
         max_param_grad_norm=result.max_param_grad_norm,
         max_param_grad_name=result.max_param_grad_name,
+        original_status=original_status,
+        resultant_initial=before.get("resultant"),
+        resultant_final=resultant_final,
+        target_resultant=before.get("target_resultant"),
+        const_loss=before.get("const_angle"),
+        vs_const=vs_const,
+        vs_const_stderr=after.get("margin_stderr") if vs_const is not None else None,
+        stable=status != "explodes" and result.max_param_grad_norm <= cfg.train.grad_norm_warn,
+        learned=learned(vs_const, after.get("margin_stderr")),
+        collapsed=resultant_final is not None and resultant_final >= cfg.train.collapse_resultant,
     )
 
 
@@ -313,127 +349,3 @@ def run_probe(
                     )  # fmt: skip
                     cells.append(cell)
     return cells
-
-
-@dataclass
-class TableCell:
-    """What the table shows for one learning rate and column: the worst status over seeds."""
-
-    status: Status
-    text: str
-    seeds_with_status: int
-    seeds: int
-
-
-def table_cell(seed_cells: list[Cell]) -> TableCell:
-    """Worst status over the seeds; "Loss" is the mean change over the seeds with that status;
-    ``(k/n seeds)`` when there is more than one seed."""
-    worst = max((c.status for c in seed_cells), key=STATUS_ORDER.index)
-    with_it = [c for c in seed_cells if c.status == worst]
-    if worst == "explodes":
-        text = "❌ EXPLODES"
-    else:
-        mean = sum(c.loss_change for c in with_it) / len(with_it)  # type: ignore[misc]
-        text = f"{SYMBOL[worst]} Loss {mean:+.3f}"
-    if len(seed_cells) > 1:
-        text += f" ({len(with_it)}/{len(seed_cells)} seeds)"
-    return TableCell(worst, text, len(with_it), len(seed_cells))
-
-
-def column_of(cell: Cell) -> Column | None:
-    return next(
-        (c for c in COLUMNS if c.arch == cell.model and c.normalize == cell.normalize), None
-    )
-
-
-def seeds_by_cell(cells: list[Cell]) -> dict[tuple[float, Column], list[Cell]]:
-    """The seeds of each table cell, keyed by (learning rate, column), in seed order."""
-    groups: dict[tuple[float, Column], list[Cell]] = {}
-    for cell in cells:
-        col = column_of(cell)
-        if col is not None:
-            groups.setdefault((cell.lr, col), []).append(cell)
-    return {key: sorted(g, key=lambda c: c.seed) for key, g in groups.items()}
-
-
-def table_cells(cells: list[Cell]) -> dict[tuple[float, Column], TableCell]:
-    """Seeds grouped into table cells, keyed by (learning rate, column)."""
-    return {key: table_cell(g) for key, g in seeds_by_cell(cells).items()}
-
-
-def format_table(
-    cells: list[Cell], grad_norm_warn: float | None = None, original_measure: bool = False
-) -> str:
-    """Markdown table in the layout of DESIGN.md section 6, one column more (this project's
-    model, raw inputs); the ⚠️ rule as a footnote when ``grad_norm_warn`` is given; with
-    ``original_measure``, a second table under it: the original's own number per cell."""
-    grouped = table_cells(cells)
-    shown = [c for c in COLUMNS if c.shown and any(k[1] == c for k in grouped)]
-    lines = _markdown_rows(grouped, shown, lambda tc: tc.text)
-    if grad_norm_warn is not None:
-        lines += ["", warn_rule(grad_norm_warn)]
-    if original_measure:
-        lines += ["", ORIGINAL_MEASURE_TITLE, ""]
-        lines += _markdown_rows(seeds_by_cell(cells), shown, _mean_train_change)
-    return "\n".join(lines)
-
-
-ORIGINAL_MEASURE_TITLE = (
-    "The original's own number, last minus first training-batch loss (rad; mean over seeds, "
-    "— where every seed exploded): it mixes learning with which events the two batches hold."
-)
-
-
-def _mean_train_change(seed_cells: list[Cell]) -> str:
-    values = [c.train_loss_change for c in seed_cells if c.status != "explodes"]
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return f"{sum(finite) / len(finite):+.3f}" if finite else "—"
-
-
-def _markdown_rows(grouped: dict, shown: list[Column], text: Any) -> list[str]:
-    """Header and one row per learning rate; ``text(value)`` for each present cell."""
-    lines = [
-        "| Learning Rate | " + " | ".join(c.title for c in shown) + " |",
-        "|---------------|" + "|".join("-" * 21 for _ in shown) + "|",  # DESIGN.md's widths
-    ]
-    for lr in sorted({lr for lr, _ in grouped}):
-        texts = [text(grouped[(lr, c)]) if (lr, c) in grouped else "—" for c in shown]
-        lines.append(f"| {lr_label(lr)} | " + " | ".join(texts) + " |")
-    return lines
-
-
-def lr_label(lr: float) -> str:
-    """``1e-5``, ``3e-4``, ``1.5e-4``: the table's row label, exact for any learning rate."""
-    mantissa, exponent = f"{lr:.6e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def table_json(cells: list[Cell], meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every seed of every cell, and the table as shown (worst status over seeds)."""
-    grouped = table_cells(cells)
-    return {
-        "meta": meta or {},
-        "columns": [asdict(c) for c in COLUMNS],
-        "cells": [asdict(c) | {"text": c.text} for c in cells],
-        "table": [
-            {"lr": lr, "model": col.arch, "normalize": col.normalize, "column": col.title}
-            | asdict(tc)
-            for (lr, col), tc in sorted(
-                grouped.items(), key=lambda kv: (kv[0][0], COLUMNS.index(kv[0][1]))
-            )
-        ],
-    }
-
-
-def write_table(cells: list[Cell], out_dir: str | Path, meta: dict[str, Any] | None = None):
-    """Write ``stability_table.md`` (with the ⚠️ rule when ``meta`` has ``grad_norm_warn``)
-    and ``stability_table.json``; returns both paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "stability_table.md"
-    js = out / "stability_table.json"
-    md.write_text(
-        format_table(cells, (meta or {}).get("grad_norm_warn"), original_measure=True) + "\n"
-    )
-    js.write_text(json.dumps(table_json(cells, meta), indent=2))
-    return md, js

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from iceaggr.collapse import CollapseStats
 from iceaggr.hooks import Hook
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 TAG_DIVERGED = "diverged"
 TAG_DIVERGED_AT_STEP = "diverged_at_step"
 TAG_DIVERGENCE_REASON = "divergence_reason"
+TAG_COLLAPSED = "collapsed"
+"""``true`` when the run's last validation had R >= ``train.collapse_resultant`` (one output
+direction for every event, :mod:`iceaggr.collapse`); ``val_resultant`` is the R itself."""
 TAG_PARENT = "mlflow.parentRunId"
 # The first step a resumed or restarted run trained (its curve continues from there).
 TAG_RESUMED_FROM_STEP = "resumed_from_step"
@@ -494,6 +498,7 @@ class MlflowHook(Hook):
         self.tracking_uri, self.run_id, self.tags = tracking_uri, run_id, dict(tags or {})
         self.experiment, self.spool_dir, self.wait_s = experiment, spool_dir, wait_s
         self.logger: RunLogger | None = None
+        self.trainer: Trainer | None = None
 
     @classmethod
     def for_config(
@@ -516,6 +521,7 @@ class MlflowHook(Hook):
     def on_start(self, trainer: Trainer) -> None:
         from iceaggr.config import to_dict
 
+        self.trainer = trainer
         self.logger = RunLogger(
             self.tracking_uri,
             run_id=self.run_id,
@@ -551,7 +557,14 @@ class MlflowHook(Hook):
         )
 
     def on_end(self, result: TrainResult) -> None:
-        assert self.logger is not None
+        assert self.logger is not None and self.trainer is not None
+        tc = self.trainer.cfg.train
+        if result.val_collapse is not None and result.diverged is None:
+            if self.trainer._held_out_is_validation() and result.steps == tc.max_steps:
+                # The held-out set was the last validation (scored once, after the last report).
+                stats = CollapseStats.from_dict(result.val_collapse)
+                self.logger.log_metrics({"val_angle": stats.angle, **stats.metrics()}, result.steps)
+            self.logger.set_tags({TAG_COLLAPSED: "true" if result.collapsed else "false"})
         if self.run_id is None:  # a run this hook made; otherwise its owner ends it
             self.logger.terminate("FAILED" if result.diverged else "FINISHED")
         else:

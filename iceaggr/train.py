@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from iceaggr.batch import DomBatch
+from iceaggr.collapse import CollapseStats, best_constant, collapse_stats
 from iceaggr.config import ExperimentConfig, to_dict
 from iceaggr.dataset import KaggleDataset, split_batch_ids
 from iceaggr.held_out import HeldOutCache, score_key, state_hash
@@ -108,6 +109,15 @@ class TrainResult:
     """A hook (e.g. an early-stopping rule) asked the run to stop before ``max_steps``."""
     val_angle: float | None = None
     """Mean angular error (rad) on the validation files: the competition metric."""
+    val_collapse: dict[str, float] | None = None
+    """Collapse signals of the last validation (:class:`~iceaggr.collapse.CollapseStats`: R of
+    the predictions, the best constant direction's error on the same events...)."""
+    collapsed: bool | None = None
+    """The last validation's R >= ``train.collapse_resultant`` (None: never validated)."""
+    fixed_collapse_initial: dict[str, float] | None = None
+    """Collapse signals of the fixed held-out set before the first step (``track_fixed_batch``)."""
+    fixed_collapse_final: dict[str, float] | None = None
+    """The same after the last step (None when the run diverged)."""
     input_audit: dict[str, dict[str, float]] = field(default_factory=dict)
     train_seconds: float = 0.0
     """Wall time spent inside training steps (excludes set-up, validation, checkpoints)."""
@@ -207,8 +217,11 @@ def evaluate(
     loader: EventLoader,
     device: torch.device,
     autocast: Any,
+    collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[float, int]:
-    """(sum of per-event angular errors in rad, number of events) over one pass of ``loader``."""
+    """(sum of per-event angular errors in rad, number of events) over one pass of ``loader``;
+    each batch's (predictions (B, 3), true directions (B, 3)) is appended to ``collect``
+    (on the CPU) when it is given."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -217,8 +230,11 @@ def evaluate(
         b = b.to(device, non_blocking=True)
         with autocast():
             out = model(b)
-        total += angular_distance(out.direction.float(), b.direction).double().sum()
+        direction = out.direction.float()  # (B, 3)
+        total += angular_distance(direction, b.direction).double().sum()
         n += b.num_events
+        if collect is not None:
+            collect.append((direction.cpu(), b.direction.float().cpu()))
     model.train(was_training)
     return float(total), n
 
@@ -475,6 +491,8 @@ class Trainer:
         )
         self.fixed_batches: list[DomBatch] = []
         self._fixed_initial: torch.Tensor | None = None  # (N,) per-event losses before step 1
+        self._val_const: tuple[torch.Tensor, float] | None = None  # best constant, validation
+        self._fixed_const: tuple[torch.Tensor, float] | None = None  # and on the fixed set
         self.held_out_cache = HeldOutCache(held_out_cache) if held_out_cache else None
         if build_data:
             self._batches = self._audited_batches()
@@ -571,15 +589,16 @@ class Trainer:
         self.result.fixed_batch_events = sum(b.num_events for b in self.fixed_batches)
         if self.result.fixed_batch_loss_initial is None:
             if self.held_out_cache is None:
-                self._fixed_initial = self.fixed_set_losses()
+                self._fixed_initial, directions = self._fixed_set_eval()
             else:
-                self._fixed_initial, shared = self.held_out_cache.initial_losses(
+                (self._fixed_initial, directions), shared = self.held_out_cache.initial_score(
                     score_key(self._held_out_identity()),
                     state_hash(self.model),
-                    self.fixed_set_losses,
+                    self._fixed_set_eval,
                 )
                 self.result.fixed_batch_initial_shared = shared
             self.result.fixed_batch_loss_initial = float(self._fixed_initial.mean())
+            self.result.fixed_collapse_initial = self._fixed_collapse(directions)
 
     def _held_out_identity(self) -> dict[str, Any]:
         """What the untrained model's held-out score depends on: the model (its initial
@@ -719,7 +738,7 @@ class Trainer:
         due = (tc.eval_every and step % tc.eval_every == 0) or step in tc.eval_steps or last
         if self.val_loader is not None and due:
             t0 = time.perf_counter()
-            metrics["val_angle"] = self.result.val_angle = self.evaluate()
+            metrics.update(self.validate())
             self.result.add_time("validation_s", t0)
         self.result.history.append({"step": float(step), **metrics})
         t0 = time.perf_counter()
@@ -769,14 +788,50 @@ class Trainer:
         return s / max(1, n)
 
     @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """One validation pass, all ranks together: ``val_angle`` (the competition metric) and
+        the collapse signals of :meth:`CollapseStats.metrics` (``val_resultant``,
+        ``val_const_angle``...); also recorded in the result (``val_collapse``, ``collapsed``)."""
+        assert self.val_loader is not None
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        evaluate(self.train_model, self.val_loader, self.device, self.autocast, collect=pairs)
+        if self.distributed:  # every rank scores the events of all ranks
+            gathered: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, pairs)
+            pairs = [p for part in gathered for p in part]
+        pred = torch.cat([p for p, _ in pairs])  # (N, 3)
+        target = torch.cat([t for _, t in pairs])  # (N, 3)
+        if self._val_const is None:  # the validation events never change within a run
+            self._val_const = best_constant(target)
+        stats = collapse_stats(pred, target, self._val_const)
+        self._record_collapse(stats)
+        self.result.val_angle = stats.angle
+        return {"val_angle": stats.angle, **stats.metrics()}
+
+    def _record_collapse(self, stats: CollapseStats) -> None:
+        self.result.val_collapse = stats.to_dict()
+        self.result.collapsed = stats.collapsed(self.cfg.train.collapse_resultant)
+
+    def _fixed_collapse(self, directions: torch.Tensor) -> dict[str, float]:
+        targets = torch.cat([b.direction.float().cpu() for b in self.fixed_batches])  # (N, 3)
+        if self._fixed_const is None:
+            self._fixed_const = best_constant(targets)
+        return collapse_stats(directions, targets, self._fixed_const).to_dict()
+
+    @torch.no_grad()
     def fixed_set_losses(self) -> torch.Tensor:
         """(N,) float64 per-event training loss of the fixed held-out set, in eval mode (no
         dropout); a non-finite prediction gives a non-finite loss, never an error."""
+        return self._fixed_set_eval()[0]
+
+    @torch.no_grad()
+    def _fixed_set_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-event losses (N,) float64, predicted directions (N, 3)) of the fixed set."""
         assert self.fixed_batches, "track_fixed_batch=True builds the fixed held-out set"
         model, kind = self.train_model, self.cfg.train.loss
         was = model.training
         model.eval()
-        parts = []
+        parts, directions = [], []
         for batch in self.fixed_batches:
             with self.autocast():
                 out = model(batch)
@@ -786,8 +841,9 @@ class Trainer:
             else:
                 per_event = vmf_nll(direction, out.kappa.float(), batch.direction)  # (B,)
             parts.append(per_event.double().cpu())
+            directions.append(direction.cpu())
         model.train(was)
-        return torch.cat(parts)  # (N,)
+        return torch.cat(parts), torch.cat(directions)  # (N,), (N, 3)
 
     def fixed_batch_loss(self) -> float:
         """Mean training loss of the fixed held-out set (see :meth:`fixed_set_losses`)."""
@@ -808,10 +864,13 @@ class Trainer:
         r.events_per_s = n_steps * tc.batch_size * self.world_size / max(1e-9, r.train_seconds)
         if self.fixed_batches and r.diverged is None:
             t0 = time.perf_counter()
-            final = self.fixed_set_losses()
+            final, directions = self._fixed_set_eval()
+            r.fixed_collapse_final = self._fixed_collapse(directions)
             r.add_time("held_out_s", t0)
             if self._held_out_is_validation() and r.steps == tc.max_steps:
                 r.val_angle = float(final.mean())  # the last validation, scored once
+                r.val_collapse = r.fixed_collapse_final
+                r.collapsed = r.val_collapse["resultant"] >= tc.collapse_resultant
             r.fixed_batch_loss_final = float(final.mean())
             if self._fixed_initial is not None and final.numel() > 1:
                 change = final - self._fixed_initial  # (N,) paired per-event changes

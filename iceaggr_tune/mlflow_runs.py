@@ -9,8 +9,10 @@ ends, is interrupted or a trial errors.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from iceaggr.tracking import DEFAULT_WAIT_S, TAG_PARENT, PatientClient, get_or_create_experiment
 
@@ -98,6 +100,82 @@ def child_runs(uri: str, parent_run_id: str) -> list[Any]:
         filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
         max_results=10_000,
     )
+
+
+DEFAULT_UI = "http://127.0.0.1:5000"
+"""Where ``iceaggr mlflow-server`` serves the UI by default (a local store has no UI of its
+own)."""
+LINK_METRICS = ("val_angle", "val_resultant")
+"""The metrics the printed comparison links chart: validation error and collapse."""
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The UI address of a tracking URI: the server itself, or :data:`DEFAULT_UI` for a local
+    store (served by ``iceaggr mlflow-server``)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return DEFAULT_UI
+
+
+def _q(value: Any) -> str:
+    """A JSON value as MLflow's UI puts it in a route's query, percent-encoded so a terminal
+    keeps the link in one piece."""
+    return quote(json.dumps(value, separators=(",", ":")), safe="")
+
+
+def ui_links(
+    base: str, experiment_id: str, parent_run_id: str, search_run_ids: list[str]
+) -> dict[str, str]:
+    """The MLflow UI pages a user of a sweep needs, by name: ``runs`` (the experiment's runs
+    table), ``parent`` (the sweep's parent run: the table, curves and landscape PNGs),
+    ``compare`` (the search trials side by side: parameters, metrics, parallel coordinates) and
+    ``curves`` (their ``val_angle`` and ``val_resultant`` histories in one chart)."""
+    exp = [experiment_id]
+    links = {
+        "runs": f"{base}/#/experiments/{experiment_id}/runs",
+        "parent": f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}",
+    }
+    if search_run_ids:
+        links["compare"] = f"{base}/#/compare-runs?runs={_q(search_run_ids)}&experiments={_q(exp)}"
+        links["curves"] = (
+            f"{base}/#/metric?runs={_q(search_run_ids)}&metric={_q(LINK_METRICS[0])}"
+            f"&experiments={_q(exp)}&plot_metric_keys={_q(list(LINK_METRICS))}"
+            "&plot_layout=%7B%7D&x_axis=step&y_axis_scale=linear&line_smoothness=1"
+            "&show_point=true&deselected_curves=%5B%5D&last_linear_y_axis_range=%5B%5D"
+        )
+    return links
+
+
+def sweep_links(uri: str, parent_run_id: str) -> dict[str, str]:
+    """:func:`ui_links` of a sweep, read from its MLflow records."""
+    client = client_for(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    search = [
+        r.info.run_id
+        for r in sorted(child_runs(uri, parent_run_id), key=lambda r: r.info.start_time or 0)
+        if r.data.tags.get(TAG_SWEEP_PART) == "search"
+    ]
+    return ui_links(ui_base(uri), exp_id, parent_run_id, search)
+
+
+LINK_LABELS = {
+    "runs": "runs table (expand the parent run to see its trials)",
+    "parent": "the sweep's parent run (Artifacts: stability_table.png, loss_curves.png, ...)",
+    "compare": "the search's trials compared (parameters, metrics, parallel coordinates)",
+    "curves": "the search's val_angle and val_resultant curves in one chart",
+}
+
+
+def format_links(uri: str, links: dict[str, str]) -> str:
+    """The MLflow pages to open, with how to serve them for a local store."""
+    lines = ["\n## Open in MLflow\n"]
+    if not uri.startswith(("http://", "https://")):
+        lines.append(
+            f"(start the UI first: .venv/bin/iceaggr mlflow-server --backend-store-uri {uri})\n"
+        )
+    for key, url in links.items():
+        lines.append(f"- {LINK_LABELS.get(key, key)}:\n  {url}")
+    return "\n".join(lines)
 
 
 def close_running(uri: str, parent_run_id: str, status: str = "KILLED") -> int:

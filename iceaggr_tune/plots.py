@@ -4,8 +4,9 @@
   stability table's cells on the left (colour = learning rate, dashed = raw inputs), the
   Optuna trials on the right; a diverged trial ends in a red cross at the step its guard
   fired, an early-stopped one in a grey dot.
-* ``stability_table.png``: the table as a coloured grid (green ✅, amber ⚠️, red ❌), so
-  the result can be read at a glance in the MLflow UI.
+* ``stability_table.png``: the table's two views as coloured grids (the reproduction beside
+  the published cells; then stability and learning painted separately in each cell), so the
+  result can be read at a glance in the MLflow UI.
 
 Matplotlib's Agg backend draws them; no display is needed.
 """
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from iceaggr.probe import COLUMNS, Cell, column_of, table_cells
+from iceaggr.probe import COLUMNS, Cell
+from iceaggr.stability_table import learning, lr_label, reproduction, reproduction_score
 from iceaggr.tracking import TAG_DIVERGED, TAG_DIVERGED_AT_STEP
 from iceaggr_tune.mlflow_runs import TAG_SWEEP_PART
 
@@ -27,7 +29,14 @@ STATUS_COLOUR = {
     "no_decrease": "#ffcdd2",
     "explodes": "#ef9a9a",
 }
-STATUS_WORD = {"ok": "OK", "warn": "WARN", "no_decrease": "NO DECREASE", "explodes": "EXPLODES"}
+STABILITY_COLOUR = {"stable": "#c8e6c9", "unstable": "#ffe0b2", "explodes": "#ef9a9a"}
+LEARNING_COLOUR = {
+    "learned": "#81c784",
+    "mixed": "#dcedc8",
+    "collapsed": "#cfd8dc",
+    "not learned": "#ffcdd2",
+    "—": "#ef9a9a",
+}
 
 
 def _pyplot():
@@ -136,54 +145,112 @@ def plot_loss_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: 
 def plot_stability_table(
     cells: Sequence[Cell], path: str | Path, meta: dict[str, Any] | None = None
 ) -> Path:
-    """The stability table as a coloured grid image: the Markdown table's columns, each cell
-    with its worst status over seeds, loss change and largest per-parameter gradient norm."""
+    """``stability_table.png``, the two views of :mod:`iceaggr.stability_table` as coloured
+    grids. Top, the reproduction: each of the original network's cells in the original's rule
+    beside the published cell (green ✅, amber ⚠️, red ❌). Bottom, what the 20 steps did: each
+    cell split in two, stability on the left (green stable, amber ⚠️, red EXPLODES) and
+    learning on the right (green learned, grey collapsed, pale red not learned), so a stable
+    but collapsed network never looks like a failed fix."""
     plt = _pyplot()
+    from matplotlib.patches import Rectangle
 
-    grouped = table_cells(list(cells))
-    shown = [c for c in COLUMNS if c.shown and any(k[1] == c for k in grouped)]
-    lrs = sorted({lr for lr, _ in grouped})
-    seed_cells: dict[tuple[float, Any], list[Cell]] = {}
-    for c in cells:
-        seed_cells.setdefault((c.lr, column_of(c)), []).append(c)
-    text, fill = [], []
+    cells = list(cells)
+    repro = reproduction(cells)
+    learn = learning(cells)
+    repro_cols = [c for c in COLUMNS if any(k[1] == c for k in repro)]
+    learn_cols = [c for c in COLUMNS if any(k[1] == c for k in learn)]
+    lrs = sorted({lr for lr, _ in learn})
+    n_rows = len(lrs) + 1
+    heights = [n_rows if repro_cols else 0.01, n_rows]
+    width = max(2 * len(repro_cols), len(learn_cols))
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(3.0 + 3.4 * width, 1.0 + 0.62 * sum(heights) + 1.2),
+        gridspec_kw={"height_ratios": heights},
+    )  # fmt: skip
+
+    def grid(ax: Any, headers: list[str], rows: list[list[tuple[str, str, Any]]]) -> None:
+        """Cells as (text, colour, None) or, split in two halves, (left text, left colour,
+        (right text, right colour)) under ``headers``."""
+        ax.set_xlim(0, len(headers) + 0.6)
+        ax.set_ylim(len(rows) + 1, 0)
+        ax.axis("off")
+        for j, h in enumerate(["Learning rate", *headers]):
+            x, w = (0.0, 0.6) if j == 0 else (0.6 + (j - 1), 1.0)
+            ax.add_patch(Rectangle((x, 0), w, 1, facecolor="#cfd8dc", edgecolor="white"))
+            ax.text(x + w / 2, 0.5, h, ha="center", va="center", fontsize=8, wrap=True)
+        for i, (lr, row) in enumerate(zip(lrs, rows, strict=True), start=1):
+            ax.add_patch(Rectangle((0, i), 0.6, 1, facecolor="#eeeeee", edgecolor="white"))
+            ax.text(0.3, i + 0.5, lr_label(lr), ha="center", va="center", fontsize=9)
+            for j, (text, colour, right) in enumerate(row):
+                x = 0.6 + j
+                ax.add_patch(Rectangle((x, i), 1.0 if right is None else 0.5, 1,
+                                       facecolor=colour, edgecolor="white"))  # fmt: skip
+                if right is None:
+                    ax.text(x + 0.5, i + 0.5, text, ha="center", va="center", fontsize=7.5)
+                    continue
+                right_text, right_colour = right
+                ax.add_patch(Rectangle((x + 0.5, i), 0.5, 1, facecolor=right_colour,
+                                       edgecolor="white"))  # fmt: skip
+                ax.text(x + 0.25, i + 0.5, text, ha="center", va="center", fontsize=7.5)
+                ax.text(x + 0.75, i + 0.5, right_text, ha="center", va="center", fontsize=7.5)
+
+    if repro_cols:
+        headers, rows = [], []
+        for col in repro_cols:
+            headers += [f"{col.title}\n(measured)", f"{col.title}\n(published)"]
+        for lr in lrs:
+            row: list[tuple[str, str, Any]] = []
+            for col in repro_cols:
+                rc = repro.get((lr, col))
+                if rc is None:
+                    row += [("not run", "#ffffff", None), ("", "#ffffff", None)]
+                    continue
+                pub = rc.published_status
+                row += [
+                    (_plain(rc.text), STATUS_COLOUR[rc.status], None),
+                    (_plain(rc.published_text or "—"),
+                     STATUS_COLOUR[pub] if pub else "#ffffff", None),
+                ]  # fmt: skip
+            rows.append(row)
+        grid(top, headers, rows)
+        k, n = reproduction_score(cells)
+        top.set_title(
+            f"Reproduction: the original's measure and rule ({k} of {n} cells have the "
+            "published status)", fontsize=10,
+        )  # fmt: skip
+    else:
+        top.axis("off")
+    rows = []
     for lr in lrs:
-        row, row_fill = [f"{lr:.0e}"], ["#eeeeee"]
-        for col in shown:
-            tc = grouped.get((lr, col))
-            if tc is None:
-                row.append("not run")
-                row_fill.append("#ffffff")
+        row = []
+        for col in learn_cols:
+            lc = learn.get((lr, col))
+            if lc is None:
+                row.append(("not run", "#ffffff", None))
                 continue
-            worst = max(seed_cells[(lr, col)], key=lambda c: c.max_param_grad_norm)
-            words = tc.text.replace("✅ ", "").replace("⚠️ ", "").replace("❌ ", "")
-            row.append(
-                f"{STATUS_WORD[tc.status]}  {words}\nmax |g| param {worst.max_param_grad_norm:.3g}"
-            )
-            row_fill.append(STATUS_COLOUR[tc.status])
-        text.append(row)
-        fill.append(row_fill)
-    width = 0.82 / max(1, len(shown))
-    fig, ax = plt.subplots(figsize=(4.0 + 3.6 * len(shown), 0.75 * (len(lrs) + 1) + 1.4))
-    ax.axis("off")
-    table = ax.table(
-        cellText=text,
-        cellColours=fill,
-        colLabels=["Learning rate", *(c.title for c in shown)],
-        colColours=["#cfd8dc"] * (len(shown) + 1),
-        cellLoc="center",
-        loc="center",
-        colWidths=[0.18, *([width] * len(shown))],
-    )
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    table.scale(1, 2.4)
+            stab = _plain(lc.stability_text).replace(" at ", "\nat ").replace(" (", "\n(")
+            learned = (lc.learning_text or "—").replace(", ", "\n")
+            row.append((stab, STABILITY_COLOUR[lc.stability],
+                        (learned, LEARNING_COLOUR[lc.learning])))  # fmt: skip
+        rows.append(row)
+    grid(bottom, [c.title for c in learn_cols], rows)
+    bottom.set_title(
+        "What the steps did: stability (left half) and learning against the best constant "
+        "direction (right half)", fontsize=10,
+    )  # fmt: skip
     meta = meta or {}
     sub = ", ".join(
         f"{k} {v}" for k, v in meta.items() if k in ("steps", "batch_size", "seeds", "sweep")
     )
-    ax.set_title("Learning-rate stability" + (f" ({sub})" if sub else ""), fontsize=11)
+    fig.suptitle("Learning-rate stability" + (f" ({sub})" if sub else ""), fontsize=11)
     return _save(plt, fig, path)
+
+
+def _plain(text: str) -> str:
+    """Matplotlib's default font has no emoji: the words say it."""
+    for symbol in ("✅ ", "⚠️ ", "❌ "):
+        text = text.replace(symbol, "")
+    return text
 
 
 def plot_search_landscape(

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from iceaggr.collapse import COLLAPSE_RESULTANT
 from iceaggr_tune.trial import DIVERGED_PENALTY, METRIC
 
 RANDOM_GUESS_RAD = math.pi / 2
@@ -32,6 +33,14 @@ def _best_val(result: Any) -> float | None:
     return min(finite) if finite else None
 
 
+def _last_finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
 def search_rows(results: Any) -> list[dict[str, Any]]:
     """One row per search trial, in the order Optuna proposed them."""
     rows = []
@@ -47,6 +56,9 @@ def search_rows(results: Any) -> list[dict[str, Any]]:
                 "best_val": _best_val(r),
                 "stopped_early": bool(m.get("stopped_early")),
                 "diverged": bool(m.get("diverged")),
+                "resultant": _last_finite(m.get("val_resultant")),
+                "collapsed": None if m.get("collapsed") is None else bool(m.get("collapsed")),
+                "vs_const": _last_finite(m.get("val_vs_const")),
                 "error": None if r.error is None else type(r.error).__name__,
             }
         )
@@ -65,15 +77,26 @@ def reference_errors(data: str | Path, val_batch_ids: list[int], events: int) ->
 def format_search_table(rows: list[dict[str, Any]]) -> str:
     """The search's trials as Markdown, best validation error first."""
     lines = [
-        "| trial | lr | dropout | steps | best val (rad) | stopped early | diverged |",
-        "|---|---|---|---|---|---|---|",
+        "| trial | lr | dropout | steps | best val (rad) | vs best constant (rad) | R | "
+        "collapsed | stopped early | diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     key = lambda row: (row["best_val"] is None, row["best_val"] or 0.0)  # noqa: E731
     for row in sorted(rows, key=key):
         best = "—" if row["best_val"] is None else f"{row['best_val']:.4f}"
+        vs = "—" if row.get("vs_const") is None else f"{row['vs_const']:+.4f}"
+        r = "—" if row.get("resultant") is None else f"{row['resultant']:.3f}"
+        collapsed = {None: "—", True: "yes", False: "no"}[row.get("collapsed")]
         lines.append(
             f"| {row['trial']} | {row['lr']:.3g} | {row['dropout']:.3f} | {row['steps']} | "
-            f"{best} | {'yes' if row['stopped_early'] else 'no'} | "
+            f"{best} | {vs} | {r} | {collapsed} | {'yes' if row['stopped_early'] else 'no'} | "
             f"{'yes' if row['diverged'] else ('error' if row['error'] else 'no')} |"
         )
+    lines += [
+        "",
+        "vs best constant: the last validation's mean error minus that of the best constant "
+        "direction on the same events (below zero: the model beats every constant); R: the "
+        "mean resultant length of its predictions (1: one direction for every event); "
+        f"collapsed: R >= {COLLAPSE_RESULTANT:g} (the trial's config can change the threshold).",
+    ]
     return "\n".join(lines)

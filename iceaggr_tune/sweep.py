@@ -50,7 +50,8 @@ from iceaggr.config import (
     load_config,
     to_dict,
 )
-from iceaggr.probe import CELL_METRIC, COLUMNS, Cell, Column, write_table
+from iceaggr.probe import CELL_METRIC, COLUMNS, Cell, Column
+from iceaggr.stability_table import write_table
 from iceaggr.tracking import (
     RunLogger,
     absolute_tracking_uri,
@@ -109,6 +110,8 @@ class SweepResult:
     table: list[Cell] | None = None
     table_markdown: str | None = None
     """The table as printed and saved (``stability_table.md``), with its footnote."""
+    links: dict[str, str] = field(default_factory=dict)
+    """MLflow UI pages of the sweep (:func:`iceaggr_tune.mlflow_runs.ui_links`)."""
     best: dict[str, Any] | None = None
     search_trials: list[dict[str, Any]] = field(default_factory=list)
     """One row per search trial (:func:`iceaggr_tune.summary.search_rows`)."""
@@ -453,7 +456,12 @@ def warm_start(table: list[Cell] | None, search: SearchOptions, arch: str):
         for c in table or []
         if c.model == arch and c.normalize and search.lr_min <= c.lr <= search.lr_max
     ]
-    good = sorted((c for c in norm if c.status in ("ok", "warn")), key=lambda c: c.loss_change)
+    # Cells that learned first (they beat the best constant direction), best margin first;
+    # then those whose held-out loss fell.
+    good = sorted(
+        (c for c in norm if c.status in ("ok", "warn")),
+        key=lambda c: (not c.learned, c.vs_const if c.vs_const is not None else c.loss_change),
+    )
     for c in good[:2]:
         points.append({"lr": c.lr, "dropout": search.dropout_min})
     for c in norm:
@@ -687,6 +695,10 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         mlflow_runs.close_running(uri, parent, "KILLED")
         _log_loss_curves(uri, parent, plog, sweep_dir, name)
         plog.terminate(status)
+        try:
+            result.links = mlflow_runs.sweep_links(uri, parent)
+        except Exception as err:  # the links are a convenience; the sweep's records stand
+            log.warning("could not make the MLflow UI links: %s", err)
         watch.stop()
         result.wall_seconds = time.time() - t0
     return result

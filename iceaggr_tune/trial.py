@@ -37,6 +37,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from iceaggr.collapse import CollapseStats
 from iceaggr.config import ExperimentConfig, from_dict, to_dict
 from iceaggr.hooks import Hook
 from iceaggr.probe import Column, cell_from_result, probe_config
@@ -159,6 +160,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     started = start_parts(float(config.get("fit_start", t_worker)), t_worker)
     cfg = from_dict(ExperimentConfig, config["experiment"], "trial config")
     ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.get("cpu_threads"):
+        # One torch thread per booked CPU (Ray's OMP_NUM_THREADS says the same for whole CPUs):
+        # on CPUs the sweep runs as many one-thread trials as there are cores, which trains
+        # more events per second than fewer trials with more threads (benchmarks/concurrency.py).
+        torch.set_num_threads(int(config["cpu_threads"]))
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     work = Path(tempfile.mkdtemp(prefix=f"iceaggr-rank{rank}-"))
     resume = None
@@ -185,7 +192,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             cfg,
             rank=rank,
             world_size=world,
-            device=ray.train.torch.get_device(),
+            device=device,
             hooks=hooks,
             resume_from=resume,
             checkpoint_dir=work / "ckpt",
@@ -207,7 +214,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             **{f"t_{k}": v for k, v in result.timings.items()},
             "t_worker_s": time.time() - t_worker,
             "torch_threads": float(torch.get_num_threads()),
-            "peak_memory_mb": peak_memory_mb(ray.train.torch.get_device()),
+            "peak_memory_mb": peak_memory_mb(device),
         }
         if result.diverged is not None:
             summary |= {
@@ -219,6 +226,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             summary |= {"diverged": 0.0}
             if result.val_angle is not None:
                 summary[METRIC] = result.val_angle
+            if result.val_collapse is not None:  # the last validation's collapse signals
+                summary |= CollapseStats.from_dict(result.val_collapse).metrics()
+                summary["collapsed"] = float(bool(result.collapsed))
         if config.get("track_fixed_batch"):  # a table cell, classified here only
             cell = cell_from_result(cfg, result)
             summary |= cell.to_metrics()
@@ -283,6 +293,7 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
             "experiment": to_dict(cfg),
             "mlflow_run_id": run_id,
             "report_every": settings.report_every,
+            "cpu_threads": max(1, int(res.cpus_per_worker)),
             "track_fixed_batch": settings.part == "table",
             "held_out_cache": settings.held_out_cache if settings.part == "table" else None,
             "board": settings.board,

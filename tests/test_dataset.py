@@ -154,6 +154,24 @@ def test_missing_batch_folder(data: Path) -> None:
         KaggleDataset(data)
 
 
+def test_metadata_listing_a_missing_batch_file(data: Path) -> None:
+    """The metadata lists batch 2 but its file is gone: its events would be lost silently."""
+    batch_path(data, 2).unlink()
+    with pytest.raises(
+        DatasetError,
+        match=names(
+            data / META_FILE,
+            f"lists batch_id 2 ({FILE_EVENTS:,} events)",
+            f"{batch_path(data, 2)} does not exist",
+            "Restore the batch file(s), or remove their rows from the metadata",
+        ),
+    ):
+        KaggleDataset(data)
+    # Without its rows in the metadata, the rest is a valid dataset.
+    rewrite_meta(data, lambda m: m[m["batch_id"] != 2])
+    assert 2 not in KaggleDataset(data).batch_ids
+
+
 def test_no_batch_files(data: Path) -> None:
     for p in (data / "train").iterdir():
         p.rename(p.with_suffix(".bak"))

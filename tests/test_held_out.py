@@ -33,6 +33,7 @@ def test_cells_of_a_column_share_the_initial_score_and_measure_the_same(
         assert s.fixed_batch_loss_final == a.fixed_batch_loss_final
         assert s.fixed_batch_change_stderr == a.fixed_batch_change_stderr
         assert s.first_loss == a.first_loss and s.last_loss == a.last_loss
+        assert s.fixed_collapse_initial == a.fixed_collapse_initial
     # Another seed is another initialisation: its own score, not the stored one.
     other = cell(small_dataset, 1e-4, tmp_path / "cache", seed=1)
     assert not other.fixed_batch_initial_shared
@@ -43,9 +44,9 @@ def test_a_score_of_other_initial_weights_is_refused(tmp_path: Path) -> None:
     cache = HeldOutCache(tmp_path)
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     assert state_hash(a) != state_hash(b)
-    losses, shared = cache.initial_losses("k", state_hash(a), lambda: torch.ones(4))
-    assert not shared and torch.equal(losses, torch.ones(4))
-    again, shared = cache.initial_losses("k", state_hash(a), lambda: torch.zeros(4))
-    assert shared and torch.equal(again, torch.ones(4))
+    score, shared = cache.initial_score("k", state_hash(a), lambda: (torch.ones(4), torch.ones(2)))
+    assert not shared and torch.equal(score[0], torch.ones(4))
+    again, shared = cache.initial_score("k", state_hash(a), lambda: (torch.zeros(4),))
+    assert shared and torch.equal(again[0], torch.ones(4)) and torch.equal(again[1], torch.ones(2))
     with pytest.raises(HeldOutMismatch, match="initial weights"):
-        cache.initial_losses("k", state_hash(b), lambda: torch.zeros(4))
+        cache.initial_score("k", state_hash(b), lambda: (torch.zeros(4),))

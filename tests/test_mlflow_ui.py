@@ -48,6 +48,8 @@ SCREENSHOTS = (
     "05-parent-artifact-loss-curves.png",
     "06-parent-artifact-stability-table.png",
     "07-parent-artifact-search-landscape.png",
+    "08-printed-compare-link.png",
+    "09-printed-curves-link.png",
 )
 
 
@@ -93,6 +95,8 @@ class SweepInUI:
     parent_run_id: str
     children: int
     diverged: int
+    printed_links: dict[str, str]
+    """The UI links as the sweep printed them (``tune/lr_sweep.py``'s summary)."""
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +105,7 @@ def smoke_sweep(mlflow_server, ray_local, tmp_path_factory) -> SweepInUI:
     from mlflow import MlflowClient
 
     from iceaggr.synth import write_synthetic_dataset
+    from iceaggr_tune.mlflow_runs import format_links
     from iceaggr_tune.sweep import SweepOptions, run_sweep
 
     url = mlflow_server.url
@@ -119,6 +124,15 @@ def smoke_sweep(mlflow_server, ray_local, tmp_path_factory) -> SweepInUI:
     )
     result = run_sweep(opts)
     assert not result.interrupted
+    printed = format_links(url, result.links)
+    links: dict[str, str] = {}
+    for line in printed.splitlines():
+        link = line.strip()
+        if "#/compare-runs?" in link:
+            links["compare"] = link
+        elif "#/metric?" in link:
+            links["curves"] = link
+    assert set(links) == {"compare", "curves"}, printed
     experiment = MlflowClient(tracking_uri=url).get_experiment_by_name(opts.tracking.experiment)
     assert experiment is not None, f"no MLflow experiment {opts.tracking.experiment!r} on {url}"
     return SweepInUI(
@@ -128,6 +142,7 @@ def smoke_sweep(mlflow_server, ray_local, tmp_path_factory) -> SweepInUI:
         parent_run_id=result.parent_run_id,
         children=2 * len(TABLE_LRS) + TRIALS,
         diverged=2,  # lr 1e3, raw and normalized
+        printed_links=links,
     )
 
 
@@ -168,6 +183,10 @@ def test_mlflow_ui_shows_sweep_runs_compare_chart_and_artifacts(node, smoke_swee
         str(smoke_sweep.children),
         "--expect-diverged",
         str(smoke_sweep.diverged),
+        "--compare-url",
+        smoke_sweep.printed_links["compare"],
+        "--curves-url",
+        smoke_sweep.printed_links["curves"],
     ]
     env = {**os.environ, "CHROMIUM_PATH": str(CHROMIUM)}
     try:

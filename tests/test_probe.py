@@ -23,18 +23,19 @@ from iceaggr.config import ExperimentConfig, debug_config, to_dict
 from iceaggr.probe import (
     CELL_METRIC,
     COLUMNS,
-    ORIGINAL_MEASURE_TITLE,
     PROBE_EVAL_EVENTS,
-    PROBE_LRS,
     Cell,
     cell_from_result,
     classify,
-    column_of,
-    format_table,
-    lr_label,
     probe_config,
     run_probe,
-    warn_rule,
+)
+from iceaggr.stability_table import (
+    LEARNING_TITLE,
+    REPRODUCTION_TITLE,
+    column_of,
+    format_learning,
+    format_table,
     write_table,
 )
 from iceaggr.train import TrainResult
@@ -48,18 +49,8 @@ PROBE_TEST_BATCH = 32
 
 HEADER = (
     "| Learning Rate | Before Normalization | After Normalization "
-    "| This project's model, raw inputs |"
+    "| This project's model, raw inputs | This project's model, normalized |"
 )
-
-# DESIGN.md section 1 / 6, verbatim.
-DESIGN_TABLE = """\
-| Learning Rate | Before Normalization | After Normalization |
-|---------------|---------------------|---------------------|
-| 1e-5 | ❌ Loss +0.023 | ✅ Loss -0.058 |
-| 3e-5 | ✅ Loss -0.040 | ✅ Loss -0.067 |
-| 1e-4 | ✅ Loss -0.024 | ✅ Loss -0.067 |
-| 3e-4 | ⚠️ Loss -0.049 | ✅ Loss -0.093 |
-| 1e-3 | ❌ EXPLODES | ✅ Loss -0.097 |"""
 
 
 # ---------------------------------------------------------------- classify
@@ -95,7 +86,8 @@ def test_a_nan_final_fixed_batch_loss_is_an_explosion_in_the_table() -> None:
         "held-out loss not finite: 1.5 before the first step, nan after"
     )
     assert (cell.model, cell.seed) == ("original", 0)
-    assert format_table([cell]).splitlines()[2] == "| 1e-3 | ❌ EXPLODES |"
+    assert (cell.stable, cell.learned, cell.collapsed) == (False, False, False)
+    assert format_learning([cell]).splitlines()[2] == "| 1e-3 | ❌ EXPLODES |"
 
 
 def test_cell_travels_as_one_metric_and_comes_back_exactly() -> None:
@@ -160,82 +152,7 @@ def test_classify_warn_and_ok_split_on_the_gradient_threshold() -> None:
     assert change == pytest.approx(-0.049)
 
 
-# ---------------------------------------------------------------- the table
-
-
-def design_cells() -> list[Cell]:
-    """The cells of the DESIGN.md table, in scrambled order."""
-    rows = [
-        (1e-5, False, "no_decrease", 0.023),
-        (1e-5, True, "ok", -0.058),
-        (3e-5, False, "ok", -0.040),
-        (3e-5, True, "ok", -0.067),
-        (1e-4, False, "ok", -0.024),
-        (1e-4, True, "ok", -0.067),
-        (3e-4, False, "warn", -0.049),
-        (3e-4, True, "ok", -0.093),
-        (1e-3, False, "explodes", None),
-        (1e-3, True, "ok", -0.097),
-    ]
-    cells = [
-        Cell(
-            lr=lr,
-            normalize=n,
-            status=s,
-            loss_change=c,
-            loss_initial=None,
-            loss_final=None,
-            max_grad_norm=1.0,
-            model="original",
-        )
-        for lr, n, s, c in rows
-    ]
-    return cells[::-1]
-
-
-def test_format_table_matches_design_layout() -> None:
-    assert format_table(design_cells()) == DESIGN_TABLE
-
-
-def test_cell_texts() -> None:
-    by_key = {(c.lr, c.normalize): c for c in design_cells()}
-    assert by_key[(1e-5, True)].text == "✅ Loss -0.058"
-    assert by_key[(1e-5, False)].text == "❌ Loss +0.023"
-    assert by_key[(3e-4, False)].text == "⚠️ Loss -0.049"
-    assert by_key[(1e-3, False)].text == "❌ EXPLODES"
-
-
-def test_format_table_marks_missing_cells_and_labels_any_lr() -> None:
-    cells = [
-        Cell(
-            lr=1.5e-4,
-            normalize=True,
-            status="ok",
-            loss_change=-0.1,
-            loss_initial=1.6,
-            loss_final=1.5,
-            max_grad_norm=1.0,
-            model="original",
-        ),
-        Cell(
-            lr=1e-4,
-            normalize=False,
-            status="ok",
-            loss_change=-0.2,
-            loss_initial=1.6,
-            loss_final=1.4,
-            max_grad_norm=1.0,
-            model="original",
-        ),
-    ]
-    lines = format_table(cells).splitlines()
-    assert lines[2:] == ["| 1e-4 | ✅ Loss -0.200 | — |", "| 1.5e-4 | — | ✅ Loss -0.100 |"]
-
-
-def test_lr_label() -> None:
-    assert [lr_label(lr) for lr in PROBE_LRS] == ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3"]
-    assert lr_label(1.2e-4) == "1.2e-4"  # not rounded onto the 1e-4 row
-    assert lr_label(0.01) == "1e-2"
+# ---------------------------------------------------------------- the protocol
 
 
 def test_probe_config_is_the_original_protocol() -> None:
@@ -307,15 +224,28 @@ def test_run_probe_computes_every_cell(probe_cells: list[Cell]) -> None:
         assert 0 < c.max_param_grad_norm <= c.max_grad_norm * (1 + 1e-6)
         assert c.max_param_grad_name is not None and c.eval_events > 0
         assert c.train_loss_change is not None and c.loss_change_stderr is not None
+        # The collapse signals of the held-out set, before and after.
+        assert c.resultant_initial is not None and 0.0 <= c.resultant_initial <= 1.0
+        assert c.target_resultant is not None and c.target_resultant < 0.5
+        assert c.const_loss is not None and 0.5 < c.const_loss < math.pi / 2 + 0.1
+        assert c.original_status is not None
+        if c.status != "explodes":
+            assert c.vs_const == pytest.approx(c.loss_final - c.const_loss, abs=1e-6)
+            assert c.vs_const_stderr is not None and c.vs_const_stderr > 0
+            assert c.collapsed == (c.resultant_final >= 0.9)
+            assert c.stable == (c.max_param_grad_norm <= warn)
     # Every cell of a column starts from the same weights and is scored on the same events.
     for col in COLUMNS:
-        initial = {c.loss_initial for c in probe_cells if column_of(c) == col}
+        initial = {
+            (c.loss_initial, c.resultant_initial) for c in probe_cells if column_of(c) == col
+        }
         assert len(initial) == 1
+    assert len({c.const_loss for c in probe_cells}) == 1  # the same held-out events
 
 
 def test_write_table_json_and_markdown(probe_cells: list[Cell], tmp_path: Path) -> None:
     md, js = write_table(probe_cells, tmp_path / "out", meta={"steps": PROBE_TEST_STEPS})
-    assert md.read_text() == format_table(probe_cells, original_measure=True) + "\n"
+    assert md.read_text() == format_table(probe_cells) + "\n"
     data = json.loads(js.read_text())
     assert data["meta"] == {"steps": PROBE_TEST_STEPS}
     assert len(data["cells"]) == 2 * len(COLUMNS)
@@ -328,8 +258,11 @@ def test_write_table_json_and_markdown(probe_cells: list[Cell], tmp_path: Path) 
         assert entry["max_grad_norm"] == pytest.approx(cell.max_grad_norm)
         assert entry["text"] == cell.text
     lines = md.read_text().splitlines()
-    assert lines[0] == HEADER
-    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| 1e-4", "| 1e-3"]
+    at = lines.index(LEARNING_TITLE) + 2
+    assert lines[at] == HEADER
+    assert [line.split(" | ")[0] for line in lines[at + 2 : at + 4]] == ["| 1e-4", "| 1e-3"]
+    assert data["reproduction"]["of"] == 2 * len(PROBE_TEST_LRS)  # lrs with a published value
+    assert len(data["learning"]) == 2 * len(COLUMNS)
 
 
 # ---------------------------------------------------------------- the command line
@@ -368,19 +301,18 @@ def test_cli_probe_prints_and_writes_the_table(
     stdout = capsys.readouterr().out
     table = (out / "stability_table.md").read_text().strip()
     assert table in stdout
-    assert table.splitlines()[0] == HEADER
-    rows = 2 + len(PROBE_TEST_LRS)
     lines = table.splitlines()
-    assert len(lines) == rows + 2 + 3 + rows  # the rule, then the original's own number
-    assert lines[rows + 1] == warn_rule(debug_config().train.grad_norm_warn)
-    assert lines[rows + 3] == ORIGINAL_MEASURE_TITLE and lines[rows + 5] == HEADER
-    # Its cells are the training-batch changes of the JSON, as printed.
+    assert lines[0] == REPRODUCTION_TITLE
+    # The reproduction's cells are the training-batch changes of the JSON, as printed.
     data = json.loads((out / "stability_table.json").read_text())
-    for line, lr in zip(lines[rows + 7 :], sorted(PROBE_TEST_LRS), strict=True):
+    for line, lr in zip(lines[4 : 4 + len(PROBE_TEST_LRS)], sorted(PROBE_TEST_LRS), strict=True):
         cells = {(c["model"], c["normalize"]): c for c in data["cells"] if c["lr"] == lr}
         first = cells[("original", False)]
-        expected = "—" if first["status"] == "explodes" else f"{first['train_loss_change']:+.3f}"
-        assert line.split(" | ")[1] == expected
+        change = first["train_loss_change"]
+        shown = line.split(" | ")[1]
+        assert shown == "❌ EXPLODES" if change is None else shown.endswith(f"Loss {change:+.3f}")
+    at = lines.index(LEARNING_TITLE) + 2
+    assert lines[at] == HEADER
     data = json.loads((out / "stability_table.json").read_text())
     assert data["meta"]["steps"] == PROBE_TEST_STEPS
     assert data["meta"]["batch_size"] == PROBE_TEST_BATCH

@@ -48,8 +48,8 @@ def print_result(opts: Any, result: Any) -> None:
         t = opts.resolved().table
         seeds = t.seeds
         print(
-            f"## Stability table ({t.steps} steps, batch {t.batch_size}, {seeds} seed(s), "
-            f"loss change on {t.eval_events} held-out events)\n"
+            f"## Stability table ({t.steps} steps, batch {t.batch_size}, {seeds} seed(s) per "
+            f"cell, {t.eval_events} held-out events)\n"
         )
         print(result.table_markdown)
     if result.best is not None:
@@ -72,6 +72,10 @@ def print_result(opts: Any, result: Any) -> None:
         f"\nsweep {result.name}: {result.wall_seconds:.0f} s; "
         f"MLflow parent run {result.parent_run_id} at {redact_uri(opts.tracking.uri)}"
     )
+    if result.links:
+        from iceaggr_tune.mlflow_runs import format_links
+
+        print(format_links(opts.tracking.uri, result.links))
 
 
 def format_overhead(part: str, over: dict[str, float]) -> str:

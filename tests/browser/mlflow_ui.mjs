@@ -2,12 +2,17 @@
 //
 // Usage:
 //   node mlflow_ui.mjs --base-url http://127.0.0.1:5000 --experiment-id 1 \
-//     --parent-run-id <id> --screenshot-dir <dir> [--expect-children 6] [--expect-diverged 2]
+//     --parent-run-id <id> --screenshot-dir <dir> [--expect-children 6] [--expect-diverged 2] \
+//     [--compare-url <the sweep's printed compare link>] [--curves-url <its curves link>]
 // Every option can also come from the environment: MLFLOW_UI_BASE_URL, MLFLOW_UI_EXPERIMENT_ID,
 // MLFLOW_UI_PARENT_RUN_ID, ICEAGGR_SCREENSHOT_DIR, MLFLOW_UI_EXPECT_CHILDREN,
 // MLFLOW_UI_EXPECT_DIVERGED; CHROMIUM_PATH overrides /usr/bin/chromium.
 //
 // What it checks, each against what the browser actually renders:
+//   0. (with --compare-url / --curves-url) the links the sweep printed, opened first in the fresh
+//      profile: the compare page lists exactly the search's trials by name, with a rendered
+//      parallel-coordinates chart whose axes include lr, dropout, val_angle and val_resultant;
+//      the curves page charts val_angle and val_resultant, one curve per search trial;
 //   1. the runs page lists the parent and its child runs (expanded), with parameter columns lr,
 //      dropout, normalize and a tag column diverged whose cells match the tracking server, and
 //      the diverged runs carry MLflow's failed-status icon (red) while finished runs carry the
@@ -52,6 +57,8 @@ const { values: opt } = parseArgs({
     },
     'expect-children': { type: 'string', default: process.env.MLFLOW_UI_EXPECT_CHILDREN || '6' },
     'expect-diverged': { type: 'string', default: process.env.MLFLOW_UI_EXPECT_DIVERGED || '2' },
+    'compare-url': { type: 'string', default: process.env.MLFLOW_UI_COMPARE_URL },
+    'curves-url': { type: 'string', default: process.env.MLFLOW_UI_CURVES_URL },
   },
 });
 for (const key of ['base-url', 'experiment-id', 'parent-run-id']) {
@@ -442,6 +449,66 @@ async function checkCompare(page, truth) {
   return shots;
 }
 
+/** The plotly chart's axis titles and trace names, once it has drawn. */
+async function plotlySummary(page) {
+  const chart = page.locator('.js-plotly-plot').first();
+  await chart.waitFor({ timeout: UI_TIMEOUT });
+  await page.waitForTimeout(1500);
+  return chart.evaluate((p) => ({
+    names: (p.data || []).map((d) => d.name || ''),
+    dims: (p.data || []).flatMap((d) => (d.dimensions || []).map((x) => x.label)),
+    text: p.textContent || '',
+    box: p.getBoundingClientRect().toJSON(),
+  }));
+}
+
+async function checkPrintedLinks(page, truth) {
+  const search = truth.children.filter((c) => c.tags.sweep_part === 'search');
+  check(search.length >= 1, 'the sweep has no search trials to compare');
+  const shots = [];
+  if (opt['compare-url']) {
+    log('open printed compare link', opt['compare-url']);
+    await page.goto(opt['compare-url'], { waitUntil: 'load' });
+    await page
+      .getByText(`Comparing ${search.length} Runs from 1 Experiment`)
+      .first()
+      .waitFor({ timeout: UI_TIMEOUT });
+    await closeAssistant(page);
+    for (const c of search) {
+      await page.getByText(c.name, { exact: true }).first().waitFor({ timeout: UI_TIMEOUT });
+    }
+    const pcp = await plotlySummary(page);
+    log('printed compare link: parallel coordinates', JSON.stringify(pcp.dims));
+    check(pcp.box.width > 100 && pcp.box.height > 100, `compare chart box ${JSON.stringify(pcp.box)}`);
+    for (const axis of ['lr', 'dropout', 'val_angle', 'val_resultant']) {
+      check(
+        pcp.dims.includes(axis) || pcp.text.includes(axis),
+        `the printed compare link's parallel-coordinates chart has no ${axis} axis (axes: ` +
+          `${pcp.dims.join(', ')})`,
+      );
+    }
+    shots.push(await fullShot(page, '08-printed-compare-link.png'));
+  }
+  if (opt['curves-url']) {
+    log('open printed curves link', opt['curves-url']);
+    await page.goto(opt['curves-url'], { waitUntil: 'load' });
+    await closeAssistant(page);
+    const want = search.flatMap((c) => [`${c.name} (val_angle)`, `${c.name} (val_resultant)`]);
+    for (const label of want) {
+      await page.getByText(label, { exact: true }).first().waitFor({ timeout: UI_TIMEOUT });
+    }
+    const chart = await plotlySummary(page);
+    log('printed curves link: traces', JSON.stringify(chart.names));
+    check(
+      chart.names.length >= want.length,
+      `the printed curves link draws ${chart.names.length} curves, expected ${want.length}`,
+    );
+    shots.push(await fullShot(page, '09-printed-curves-link.png'));
+  }
+  log('printed links: ok');
+  return shots;
+}
+
 function pngSize(buf) {
   check(buf.length > 24 && buf.toString('latin1', 1, 4) === 'PNG', 'artifact is not a PNG');
   return { width: buf.readUInt32BE(16), height: buf.readUInt32BE(20) };
@@ -546,6 +613,7 @@ try {
   page = context.pages()[0] || (await context.newPage());
   page.on('pageerror', (err) => console.log('[page error]', err.message));
   const shots = [
+    ...(await checkPrintedLinks(page, truth)), // first, while the profile is fresh
     ...(await checkRunsList(page, truth)),
     ...(await checkCompare(page, truth)),
     ...(await checkParentArtifacts(page, truth)),
