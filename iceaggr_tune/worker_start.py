@@ -24,11 +24,15 @@ is left to clean up. Groups of two or more workers get Ray's set-up unchanged (t
 This module imports only Ray Train's torch config (the controller actor imports it anyway).
 """
 
+# ruff: noqa: E402  (the import of Ray Train's torch config below is timed)
 from __future__ import annotations
+
+import time
+
+_IMPORT_START = time.time()
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +40,7 @@ from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars,
 
 log = logging.getLogger(__name__)
 
-MARKS: dict[str, float] = {}
+MARKS: dict[str, float] = {"backend_import_start": _IMPORT_START, "backend_import_end": time.time()}
 """Wall-clock timestamps (``time.time()``) of this worker process's start-up steps."""
 
 
@@ -92,9 +96,10 @@ def start_parts(fit_start: float, train_fn_start: float) -> dict[str, float]:
 
     * ``t_ray_schedule_s``: controller actor, placement group, until the worker process
       existed (0 when Ray gave the worker a process it had started before);
-    * ``t_ray_process_s``: the worker process's start until it first ran code of ours (the
-      training function's module or the backend's mark): Ray's own worker start-up;
-    * ``t_ray_imports_s``: importing :mod:`iceaggr_tune.trial` (torch, Ray Train, iceaggr);
+    * ``t_ray_process_s``: the worker process's start until it first ran code of ours (an
+      import of this module or of the training function's): Ray's own worker start-up;
+    * ``t_ray_imports_s``: importing this module (Ray Train's torch config, torch) and
+      :mod:`iceaggr_tune.trial` (Ray Train, iceaggr);
     * ``t_ray_dist_init_s``: the torch backend's ``on_start`` (the process group);
     * ``t_ray_other_s``: what is left (Ray Train's context, the training function's dispatch).
 
@@ -103,17 +108,34 @@ def start_parts(fit_start: float, train_fn_start: float) -> dict[str, float]:
     total = max(0.0, train_fn_start - fit_start)
     parts: dict[str, float] = {}
     proc = process_start_time()
-    imp0, imp1 = MARKS.get("import_start"), MARKS.get("import_end")
+    # Our imports: this module's (Ray Train's torch config, so torch) and the training
+    # function's module's, which may hold this one; an import before the fit (a process Ray
+    # started earlier) costs this trial nothing.
+    spans = [
+        (MARKS[f"{name}_start"], MARKS[f"{name}_end"])
+        for name in ("backend_import", "import")
+        if f"{name}_start" in MARKS and f"{name}_end" in MARKS
+    ]
     b0, b1 = MARKS.get("backend_start"), MARKS.get("backend_end")
+    firsts = [a for a, _ in spans] + ([b0] if b0 is not None else [])
     if proc is not None:
         parts["t_ray_schedule_s"] = max(0.0, proc - fit_start)
-        ours = [t for t in (imp0, b0) if t is not None]  # the first code of ours it ran
-        if ours:
-            parts["t_ray_process_s"] = max(0.0, min(ours) - max(proc, fit_start))
-    if imp0 is not None and imp1 is not None:
-        # An import before the fit (a process Ray started earlier) costs this trial nothing.
-        parts["t_ray_imports_s"] = max(0.0, imp1 - max(imp0, fit_start))
+        if firsts:
+            parts["t_ray_process_s"] = max(0.0, min(firsts) - max(proc, fit_start))
+    if spans:
+        parts["t_ray_imports_s"] = _union_length(spans, fit_start)
     if b0 is not None and b1 is not None:
         parts["t_ray_dist_init_s"] = max(0.0, b1 - b0)
     parts["t_ray_other_s"] = max(0.0, total - sum(parts.values()))
     return parts
+
+
+def _union_length(spans: list[tuple[float, float]], since: float) -> float:
+    """Seconds covered by the (start, end) ``spans`` after ``since``."""
+    covered, reach = 0.0, since
+    for a, b in sorted(spans):
+        a = max(a, reach)
+        if b > a:
+            covered += b - a
+            reach = b
+    return covered
