@@ -19,16 +19,19 @@ It measures, in this order, and stops starting new sections when ``--budget-s`` 
    timed with :func:`benchmarks.throughput.time_training` on the same synthetic batches);
 2. **bf16 vs fp32**: the same model, initial weights and batches trained ``--agreement-steps``
    steps in each precision; the per-step loss difference (max and mean, rad);
-3. **the sweep**, through its own entry point (``tune/lr_sweep.py`` in a subprocess, with
-   ``--gpus-per-worker 0.25``: four one-worker trials per GPU): the full stability table
+3. **the sweep**, through its own entry point (``tune/lr_sweep.py``, with
+   ``--gpus-per-worker 0.25``: four one-worker trials per GPU), one subprocess per part so
+   that a part cut by the budget leaves the other's results: the full stability table
    (every learning rate and all four columns, ``--table-seeds`` seeds, default 1 to fit the
-   budget; the GPU preset's default is 3) then a ``--search-trials`` (16) trial Optuna search;
-   per part its wall time, trials, per-trial overhead and the workers' peak memory per trial
-   (``torch.cuda.max_memory_allocated``, reported by each worker), the table and the best
-   configuration.
+   budget; the GPU preset's default is 3), then a ``--search-trials`` (16) trial Optuna
+   search; per part its wall time, trials, per-trial overhead (the worker-group start in its
+   parts) and the workers' peak memory per trial (``torch.cuda.max_memory_allocated``,
+   reported by each worker; mean and max), the table's cells and the best configuration.
 
 Writes ``<out-dir>/gpu_check.json`` and ``gpu_check.md`` (``gpu_check_cpu.*`` with
-``--device cpu``); the sweep's own log and folders go to ``<out-dir>/gpu_check_sweep/``.
+``--device cpu``); the sweep's logs, data and MLflow store go to ``<out-dir>/gpu_check_sweep/``
+(``gpu_check_cpu_sweep/``). Nothing here has run on a GPU yet: the time per section on a GPU
+is unmeasured, which is why the budget stops it rather than an estimate.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 ORIGINAL_CONFIG = ROOT / "experiments" / "baseline_1m" / "config_fixed.yaml"
 OURS_CONFIG = ROOT / "experiments" / "iceaggr_baseline" / "config.yaml"
+TABLE_SHARE = 0.45
+"""Of the budget left when the sweep starts, what its table part may use at most."""
 NEEDED = ("ray", "optuna", "mlflow", "pyarrow", "pandas", "yaml", "tqdm", "matplotlib")
 """Modules the sweep imports; missing ones stop the check before anything runs."""
 
@@ -188,15 +194,18 @@ def loss_agreement(plan: Plan) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- 3. the sweep
 
 
-def sweep_command(plan: Plan, work: Path) -> list[str]:
-    """``tune/lr_sweep.py`` for the full table and the search at ``gpus_per_worker``."""
-    cmd = [sys.executable, str(ROOT / "tune" / "lr_sweep.py")]
-    cmd += ["--name", "check", "--storage-path", str(work / "runs")]
-    cmd += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--json", str(work / "sweep.json")]
+def sweep_command(plan: Plan, work: Path, part: str) -> list[str]:
+    """``tune/lr_sweep.py`` for one part (``table``: the full table; ``search``) at
+    ``gpus_per_worker``; its data, Ray storage, MLflow store and JSON under ``work``."""
+    cmd = [sys.executable, str(ROOT / "tune" / "lr_sweep.py"), f"--{part}-only"]
+    cmd += ["--name", part, "--storage-path", str(work / "runs"), "--data", str(work / "data")]
+    cmd += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    cmd += ["--json", str(work / f"{part}.json")]
     if plan.quick:
-        cmd += ["--smoke-test", "--data", str(work / "data"), "--trials", str(plan.search_trials)]
-    else:
-        cmd += ["--data", str(work / "data"), "--trials", str(plan.search_trials)]
+        cmd.append("--smoke-test")
+    if part == "search":
+        cmd += ["--trials", str(plan.search_trials)]
+    elif not plan.quick:
         cmd += ["--table-models", "original", "iceaggr", "--table-hidden-columns"]
         cmd += ["--table-seeds", str(plan.table_seeds)]
     if plan.gpus_per_worker > 0:
@@ -204,29 +213,33 @@ def sweep_command(plan: Plan, work: Path) -> list[str]:
     return cmd
 
 
-def run_sweep(plan: Plan, work: Path, timeout_s: float) -> dict[str, Any]:
-    """Run the sweep in a subprocess (its own Ray); its JSON summary, wall time and log."""
+def run_sweep_part(plan: Plan, work: Path, part: str, timeout_s: float) -> dict[str, Any]:
+    """One part of the sweep in a subprocess with its own Ray: its JSON summary, return code,
+    wall time and the log's end. Past ``timeout_s`` it gets Ctrl-C (the sweep ends its runs
+    and Ray cleanly), then a kill 60 s later."""
     work.mkdir(parents=True, exist_ok=True)
-    cmd = sweep_command(plan, work)
+    cmd = sweep_command(plan, work, part)
     env = dict(os.environ)
     # Ray's workers start from the raylet's environment: they find iceaggr through it.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    log_path = work / "sweep.log"
+    log_path = work / f"{part}.log"
     print(f"  {' '.join(cmd[1:])}  (log: {log_path})", flush=True)
     t0 = time.time()
     with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(
-                cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                timeout=max(1.0, timeout_s),
-            )  # fmt: skip
-            rc: int | str = proc.returncode
+            rc: int | str = proc.wait(timeout=max(1.0, timeout_s))
         except subprocess.TimeoutExpired:
-            rc = f"timed out after {timeout_s:.0f} s"
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = f"stopped after {timeout_s:.0f} s (--budget-s)"
     wall = time.time() - t0
-    summary = (
-        json.loads((work / "sweep.json").read_text()) if (work / "sweep.json").exists() else {}
-    )
+    js = work / f"{part}.json"
+    summary = json.loads(js.read_text()) if js.exists() else {}
     tail = log_path.read_text(errors="replace").splitlines()[-40:]
     return {"command": cmd, "returncode": rc, "wall_s": wall, "summary": summary, "log_tail": tail}
 
@@ -261,33 +274,40 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{r['final_bf16']:.4f} |"
             for r in doc["agreement"]
         ] + [""]
-    sweep = doc.get("sweep")
-    if sweep:
-        s = sweep["summary"]
-        lines += ["## The sweep (tune/lr_sweep.py)", ""]
-        lines += [f"return code {sweep['returncode']}, wall {sweep['wall_s']:.0f} s", ""]
+    runs = doc.get("sweep") or {}
+    if runs:
+        nan = float("nan")
+        lines += ["## The sweep (tune/lr_sweep.py, one subprocess per part)", ""]
         lines += [
-            "| part | part wall s | trials | mean trial wall s | in steps s | overhead s | "
-            "worker start s | peak MB mean | peak MB max |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| part | return code | part wall s | trials | mean trial wall s | in steps s | "
+            "overhead s | worker start s | peak MB mean | peak MB max |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for part, over in (s.get("overhead") or {}).items():
-            if not over:
-                continue
+        for part, run in runs.items():
+            s = run["summary"]
+            over = (s.get("overhead") or {}).get(part) or {}
             lines.append(
-                f"| {part} | {(s.get('part_seconds') or {}).get(part, float('nan')):.0f} | "
-                f"{over['trials']:.0f} | {over['mean_trial_wall_s']:.1f} | "
-                f"{over['mean_train_step_s']:.1f} | {over['mean_overhead_s']:.1f} | "
-                f"{over.get('t_worker_start_s', float('nan')):.1f} | "
-                f"{over.get('peak_memory_mb', float('nan')):,.0f} | "
-                f"{over.get('peak_memory_mb_max', float('nan')):,.0f} |"
+                f"| {part} | {run['returncode']} | "
+                f"{(s.get('part_seconds') or {}).get(part, run['wall_s']):.0f} | "
+                f"{over.get('trials', 0):.0f} | {over.get('mean_trial_wall_s', nan):.1f} | "
+                f"{over.get('mean_train_step_s', nan):.1f} | "
+                f"{over.get('mean_overhead_s', nan):.1f} | "
+                f"{over.get('t_worker_start_s', nan):.1f} | "
+                f"{over.get('peak_memory_mb', nan):,.0f} | "
+                f"{over.get('peak_memory_mb_max', nan):,.0f} |"
             )
-        if s.get("best"):
-            b = s["best"]
+        table = (runs.get("table") or {}).get("summary", {}).get("table")
+        if table:
+            lines += ["", f"table: {len(table)} cells; " + ", ".join(
+                f"{c['model']}-{'norm' if c['normalize'] else 'raw'} lr {c['lr']:g} {c['status']}"
+                for c in table
+            )]  # fmt: skip
+        best = (runs.get("search") or {}).get("summary", {}).get("best")
+        if best:
             lines += [
                 "",
-                f"best: lr {b['lr']:.3g}, dropout {b['dropout']:.3f}, "
-                f"val_angle {b['val_angle']:.4f} rad after {b['steps']} steps",
+                f"search best: lr {best['lr']:.3g}, dropout {best['dropout']:.3f}, "
+                f"val_angle {best['val_angle']:.4f} rad after {best['steps']} steps",
             ]
         lines.append("")
     for name, why in doc.get("skipped", {}).items():
@@ -309,13 +329,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--table-seeds", type=int, default=1, help="seeds per table cell")
     p.add_argument("--search-trials", type=int, help="Optuna trials (16; quick 2)")
     p.add_argument("--gpus-per-worker", type=float, default=0.25, help="GPU share per trial")
-    p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "agreement", "sweep"])
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["throughput", "agreement", "table", "search"]
+    )
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="JSON, Markdown, sweep log")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here; use --device cpu (--quick)")
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None and m not in args.skip]
-    if missing and "sweep" not in args.skip:
+    if missing and not {"table", "search"} <= set(args.skip):
         p.error(
             f"missing Python modules {missing}: on the GPU machine `source "
             ".gpu-bundle/install.sh` first; elsewhere install the project (`make venv`)"
@@ -377,7 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(work)
-    section("sweep", lambda left: doc.__setitem__("sweep", run_sweep(plan, work, left)))
+    doc["sweep"] = {}
+    for part in ("table", "search"):
+        # The table may take at most TABLE_SHARE of what is left, so the search gets its turn.
+        share = TABLE_SHARE if part == "table" and "search" not in args.skip else 1.0
+        section(
+            part,
+            lambda left, part=part, share=share: doc["sweep"].__setitem__(
+                part, run_sweep_part(plan, work, part, share * left)
+            ),
+        )
     doc["seconds"]["total"] = time.time() - t_start
     args.out_dir.mkdir(parents=True, exist_ok=True)
     js, md = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md"
@@ -385,8 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     md.write_text(markdown(doc))
     print(md.read_text())
     print(f"wrote {js} and {md}")
-    sweep = doc.get("sweep")
-    return 0 if sweep is None or sweep["returncode"] == 0 else 1
+    failed = [part for part, run in doc["sweep"].items() if run["returncode"] != 0]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

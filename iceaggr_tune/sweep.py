@@ -350,6 +350,9 @@ def fit_part(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent_trials(opts.resources),
+            # A finished trial's driver process (torch, Ray Train and MLflow imported) runs the
+            # next trial instead of a new process starting and importing them again.
+            reuse_actors=True,
             trial_name_creator=TrialName(part),
             trial_dirname_creator=TrialName(part),
             **tune_config,

@@ -35,14 +35,15 @@ def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path: Path) -> None:
         # Same weights and batch: the first step's losses differ only by bf16 rounding.
         assert row["first_step_abs_diff"] < 0.05, row
         assert all(math.isfinite(x) for x in row["loss_fp32"] + row["loss_bf16"])
-    sweep = doc["sweep"]
-    assert sweep["returncode"] == 0, sweep["log_tail"]
-    summary = sweep["summary"]
-    assert len(summary["table"]) == 2 and len(summary["search_trials"]) == 2
+    runs = doc["sweep"]
+    assert len(runs["table"]["summary"]["table"]) == 2
+    assert len(runs["search"]["summary"]["search_trials"]) == 2
     for part in ("table", "search"):
+        assert runs[part]["returncode"] == 0, runs[part]["log_tail"]
+        summary = runs[part]["summary"]
         over = summary["overhead"][part]
         assert over["trials"] >= 1 and over["peak_memory_mb"] > 0
         assert summary["part_seconds"][part] > 0
         assert over["t_ray_imports_s"] >= 0 and over["t_ray_other_s"] >= 0
     md = (tmp_path / "out" / "gpu_check_cpu.md").read_text()
-    assert "bf16 vs fp32" in md and "| table |" in md and "| search |" in md
+    assert "bf16 vs fp32" in md and "| table | 0 |" in md and "| search | 0 |" in md
