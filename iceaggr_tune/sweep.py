@@ -477,12 +477,12 @@ def optuna_searcher(opts: SweepOptions, sweep_dir: Path, table: list[Cell] | Non
     """TPE in a sqlite study next to the sweep (inspect it with optuna-dashboard or
     ``optuna.load_study``; it survives a restored Tuner), warm-started from the table."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
+    from iceaggr_tune.searcher import ValidatedOptunaSearch
     from iceaggr_tune.trial import METRIC, MODE
 
     points, evaluated, rewards = warm_start(table, opts.search, arch)
-    return OptunaSearch(
+    return ValidatedOptunaSearch(
         metric=METRIC,
         mode=MODE,
         study_name=OPTUNA_STUDY,
@@ -520,6 +520,8 @@ def run_search(
     why Tune's own ASHAScheduler, which kills trials, is not used with Ray Train V2)."""
     from ray import tune
 
+    from iceaggr_tune.searcher import sparse_metric_reports
+
     cfg = search_config(base, opts.search, opts.early_stop)
     settings = _settings(opts, cfg, "search", parent, tune_root)
     n_reports = max(1, opts.search.steps // opts.early_stop.report_every)
@@ -530,15 +532,16 @@ def run_search(
             "lr": tune.loguniform(opts.search.lr_min, opts.search.lr_max),
             "dropout": tune.uniform(opts.search.dropout_min, opts.search.dropout_max),
         }
-        results = fit_part(
-            "search",
-            settings,
-            opts,
-            tune_root,
-            space,
-            search_alg=searcher,
-            num_samples=opts.search.trials,
-        )
+        with sparse_metric_reports():  # reports between validations carry no val_angle
+            results = fit_part(
+                "search",
+                settings,
+                opts,
+                tune_root,
+                space,
+                search_alg=searcher,
+                num_samples=opts.search.trials,
+            )
     return best_trial(results), results, searcher
 
 
