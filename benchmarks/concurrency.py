@@ -48,8 +48,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 
 def splits(cores: int) -> list[tuple[int, int]]:
-    """Every (trials in flight, threads per trial) with trials x threads <= ``cores``, whose
-    product is a whole share of the cores (1x1 ... 1xN, 2x1, ...)."""
+    """Every (trials in flight, threads per trial) with trials x threads <= ``cores``."""
     return [(p, t) for p in range(1, cores + 1) for t in range(1, cores // p + 1)]
 
 

@@ -203,6 +203,8 @@ def sweep_command(plan: Plan, work: Path, part: str) -> list[str]:
     cmd += ["--json", str(work / f"{part}.json")]
     if plan.quick:
         cmd.append("--smoke-test")
+        if part == "table":  # one learning rate: the two columns of the smoke table
+            cmd += ["--table-lrs", "1e-3"]
     if part == "search":
         cmd += ["--trials", str(plan.search_trials)]
     elif not plan.quick:

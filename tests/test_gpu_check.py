@@ -36,6 +36,7 @@ def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path: Path) -> None:
         assert row["first_step_abs_diff"] < 0.05, row
         assert all(math.isfinite(x) for x in row["loss_fp32"] + row["loss_bf16"])
     runs = doc["sweep"]
+    # --quick: the smoke table at one learning rate (the original network raw and normalized).
     assert len(runs["table"]["summary"]["table"]) == 2
     assert len(runs["search"]["summary"]["search_trials"]) == 2
     for part in ("table", "search"):
