@@ -11,7 +11,8 @@ Anywhere, at toy size on the CPU (what the test runs; ~1-2 minutes on 2 cores)::
     python benchmarks/gpu_check.py --device cpu --quick
 
 It measures, in this order, and stops starting new sections when ``--budget-s`` (default
-480 s) is spent (a section not run is listed with the reason):
+480 s on CUDA) is spent (a section not run is listed with the reason; a sweep part past it is
+stopped, and the table part may use at most 45% of what is left when it starts):
 
 1. **throughput**: training events/s of ``Trainer.train_step`` in fp32 and bf16 autocast, of
    this project's model packed vs padded (:mod:`benchmarks.throughput` runs it: its rows and
@@ -325,7 +326,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="toy sizes (CPU: ~1-2 minutes)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="no new section after this")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="no new section after this many seconds (default: 480 on CUDA, the 8 minutes a "
+        "GPU check may take; 1800 on the CPU, where it only keeps a stuck run from hanging)",
+    )
     p.add_argument("--batch-size", type=int, help="throughput/agreement batch (256; quick 16)")
     p.add_argument("--agreement-steps", type=int, help="bf16 vs fp32 steps (50; quick 4)")
     p.add_argument("--table-seeds", type=int, default=1, help="seeds per table cell")
@@ -336,6 +342,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="JSON, Markdown, sweep log")
     args = p.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 480.0 if args.device == "cuda" else 1800.0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here; use --device cpu (--quick)")
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None and m not in args.skip]
