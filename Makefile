@@ -10,7 +10,7 @@ LOCK := requirements/lock.txt
 TORCH_SPEC ?= -r requirements/torch.txt
 BIN := $(VENV)/bin
 
-.PHONY: venv check-python browser-deps sweep smoke test lint format lock clean
+.PHONY: venv check-python browser-deps sweep smoke gpu-check test lint format lock clean
 
 # Debian and Ubuntu ship `python3 -m venv` without ensurepip (package python3-venv): say so
 # plainly instead of leaving a half-made .venv behind.
@@ -40,6 +40,14 @@ sweep: venv
 
 smoke: venv
 	$(BIN)/python tune/lr_sweep.py --smoke-test
+
+# On a CUDA machine: throughput, bf16 vs fp32, the table and a 16-trial search at four trials
+# per GPU, in under 8 minutes (benchmarks/gpu_check.py says how). With no venv it runs the
+# Python on PATH (a GPU box with a CUDA torch); `make gpu-check GPU_CHECK_ARGS='--device cpu
+# --quick'` runs it at toy size on the CPU.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The MLflow UI browser test drives Debian's chromium (or $$CHROMIUM_PATH) with playwright-core
 # under Node.js 20+. `make test` tries to install them and runs every test either way: without

@@ -2,11 +2,10 @@
 
 Measures, for every device (CPU always, CUDA when available) and precision (fp32, bf16 autocast):
 
-<<<<<<< HEAD
 - training events/s of :meth:`iceaggr.train.Trainer.train_step`, the step training runs
   (input magnitudes for the divergence guard, forward, the config's loss, backward,
   per-parameter gradient norms, clipping at the config's ``grad_clip``, AdamW and schedule
-  step), of the model in ``experiments/baseline_1m/config_fixed.yaml`` (d_model 128, 4 DOM +
+  step), of the model in ``experiments/iceaggr_baseline/config.yaml`` (d_model 128, 4 DOM +
   4 event layers), with ``attention="packed"`` and, in the same run, with
   ``attention="padded"`` (the naive reference, same parameters: every DOM padded to the
   longest DOM of the batch, every event to the largest event, a dense key-padding mask). The
@@ -15,18 +14,6 @@ Measures, for every device (CPU always, CUDA when available) and precision (fp32
   that a CPU run ends, the predicted step time fits ``--max-step-s``); the packed model is
   then also timed at that batch for the ratio, and the configurations that do not fit are
   listed as ``skipped: would need N GB``.
-=======
-- training events/s of one optimizer step (forward + backward + AdamW step, angular-distance
-  loss, gradient clipping at the config's ``grad_clip``) of the model in
-  ``experiments/iceaggr_baseline/config.yaml`` (d_model 128, 4 DOM + 4 event layers), with
-  ``attention="packed"`` and, in the same run, with ``attention="padded"`` (the naive reference,
-  same parameters: every DOM padded to the longest DOM of the batch, every event to the
-  largest event, a dense key-padding mask). The speed-up is the ratio of the two rates at the
-  same batch size. The padded model can need hundreds of GB at batch 256; its batch is halved
-  until the estimated memory fits (and, so that a CPU run ends, the predicted step time fits
-  ``--max-step-s``); the packed model is then also timed at that batch for the ratio, and the
-  configurations that do not fit are listed as ``skipped: would need N GB``.
->>>>>>> wip-original
 - peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the peak resident set
   size (``VmHWM``, reset through ``/proc/self/clear_refs``) above the RSS before the model was
   built (falls back to ``getrusage`` max RSS, a whole-process peak, where that is not possible).

@@ -115,6 +115,9 @@ class TrainConfig:
     """Steps between metric reports (each report may sync the host with the device)."""
     eval_every: int = 200
     """Steps between validation passes (0: only at the end)."""
+    eval_steps: tuple[int, ...] = ()
+    """Further steps to validate at, besides the multiples of ``eval_every`` and the last step
+    (the sweep's search validates at its early-stopping rungs only)."""
     checkpoint_every: int = 200
     """Steps between checkpoints, plus one at the end (0: no checkpoints)."""
     out_dir: str = "runs/train"
@@ -142,6 +145,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.eval_steps = tuple(int(s) for s in self.eval_steps)
         checks = {
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
@@ -152,6 +156,7 @@ class TrainConfig:
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
             "log_every": self.log_every >= 1,
             "eval_every": self.eval_every >= 0,
+            "eval_steps": all(s >= 1 for s in self.eval_steps),
             "checkpoint_every": self.checkpoint_every >= 0,
             "mlflow_wait_s": self.mlflow_wait_s >= 0,
             "collapse_resultant": 0 < self.collapse_resultant <= 1,

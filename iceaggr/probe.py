@@ -323,7 +323,8 @@ def run_probe(
     progress: bool = True,
 ) -> list[Cell]:
     """Every cell in this process: for each learning rate, each column, each seed (the base
-    seed, +1, ...)."""
+    seed, +1, ...); the cells of a column and seed share the untrained model's held-out score
+    (:mod:`iceaggr.held_out`)."""
     cells = []
     with tempfile.TemporaryDirectory(prefix="iceaggr-probe-") as tmp:
         for lr in lrs:
@@ -335,8 +336,12 @@ def run_probe(
                     )  # fmt: skip
                     cfg.train.out_dir = str(Path(tmp) / cfg.name)
                     cell = cell_from_result(
-                        cfg, train(cfg, track_fixed_batch=True, progress=progress)
-                    )
+                        cfg,
+                        train(
+                            cfg, track_fixed_batch=True, progress=progress,
+                            held_out_cache=Path(tmp) / "held-out-initial",
+                        ),
+                    )  # fmt: skip
                     log.info(
                         "%s: %s (max grad norm %.3g; largest per parameter %.3g in %s)",
                         cfg.name, cell.text, cell.max_grad_norm, cell.max_param_grad_norm,

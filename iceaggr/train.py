@@ -46,6 +46,7 @@ from iceaggr.batch import DomBatch
 from iceaggr.collapse import CollapseStats, best_constant, collapse_stats
 from iceaggr.config import ExperimentConfig, to_dict
 from iceaggr.dataset import KaggleDataset, split_batch_ids
+from iceaggr.held_out import HeldOutCache, score_key, state_hash
 from iceaggr.hooks import CallbackHook, Hook, ProgressHook, ReportFn
 from iceaggr.loader import EventLoader
 from iceaggr.losses import angular_distance, training_loss, vmf_nll
@@ -98,6 +99,9 @@ class TrainResult:
     """The same after the last step (None when the run diverged)."""
     fixed_batch_events: int = 0
     """Events in the fixed held-out set."""
+    fixed_batch_initial_shared: bool = False
+    """``fixed_batch_loss_initial`` was read from a held-out cache (computed by another run
+    from the same initial weights; :mod:`iceaggr.held_out`)."""
     fixed_batch_change_stderr: float | None = None
     """Standard error of the final-minus-initial loss change over those events (paired: the
     spread of the per-event changes / sqrt(events)); None after a resume or a divergence."""
@@ -448,6 +452,7 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         track_fixed_batch: bool = False,
         build_data: bool = True,
+        held_out_cache: str | Path | None = None,
     ) -> None:
         t_setup = time.perf_counter()
         tc = cfg.train
@@ -492,6 +497,7 @@ class Trainer:
         self._fixed_initial: torch.Tensor | None = None  # (N,) per-event losses before step 1
         self._val_const: tuple[torch.Tensor, float] | None = None  # best constant, validation
         self._fixed_const: tuple[torch.Tensor, float] | None = None  # and on the fixed set
+        self.held_out_cache = HeldOutCache(held_out_cache) if held_out_cache else None
         if build_data:
             self._batches = self._audited_batches()
         self.result.add_time("setup_s", t_setup)
@@ -586,9 +592,37 @@ class Trainer:
         self.fixed_batches = [b.to(self.device) for b in self.val_loader.iter_epoch(0)]
         self.result.fixed_batch_events = sum(b.num_events for b in self.fixed_batches)
         if self.result.fixed_batch_loss_initial is None:
-            self._fixed_initial, directions = self._fixed_set_eval()
+            if self.held_out_cache is None:
+                self._fixed_initial, directions = self._fixed_set_eval()
+            else:
+                (self._fixed_initial, directions), shared = self.held_out_cache.initial_score(
+                    score_key(self._held_out_identity()),
+                    state_hash(self.model),
+                    self._fixed_set_eval,
+                )
+                self.result.fixed_batch_initial_shared = shared
             self.result.fixed_batch_loss_initial = float(self._fixed_initial.mean())
             self.result.fixed_collapse_initial = self._fixed_collapse(directions)
+
+    def _held_out_identity(self) -> dict[str, Any]:
+        """What the untrained model's held-out score depends on: the model (its initial
+        weights are also hashed), the held-out events, the loss and the arithmetic. Not the
+        learning rate or anything else of the optimizer, which act only from the first step."""
+        cfg, tc = self.cfg, self.cfg.train
+        return {
+            "model": asdict(cfg.model),
+            "seed": tc.seed,
+            "loss": tc.loss,
+            "bf16": self.use_bf16,
+            "device": self.device.type,
+            "data": str(Path(cfg.data.path).resolve()),
+            "val_files": cfg.data.val_files,
+            "max_val_events": cfg.data.max_val_events,
+            "truncation": asdict(cfg.data.truncation()),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "events": self.result.fixed_batch_events,
+        }
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bf16 autocast when ``train.precision`` asks for it (``auto``: on CUDA)."""
@@ -710,7 +744,8 @@ class Trainer:
             # An s3:// dataset: this process's node-cache hits, misses and bytes fetched.
             metrics |= self.dataset.cache.stats.metrics()
         last = step == tc.max_steps and not self._held_out_is_validation()
-        if self.val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
+        due = (tc.eval_every and step % tc.eval_every == 0) or step in tc.eval_steps or last
+        if self.val_loader is not None and due:
             t0 = time.perf_counter()
             metrics.update(self.validate())
             self.result.add_time("validation_s", t0)
@@ -893,6 +928,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     track_fixed_batch: bool = False,
     progress: bool = True,
+    held_out_cache: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg``; returns a :class:`TrainResult` (diverged runs return, never raise).
 
@@ -918,6 +954,7 @@ def train(
         resume_from=resume_from,
         checkpoint_dir=checkpoint_dir,
         track_fixed_batch=track_fixed_batch,
+        held_out_cache=held_out_cache,
     ).fit()
 
 

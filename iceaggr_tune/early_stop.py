@@ -21,6 +21,16 @@ from typing import Any
 BOARD_NAMESPACE = "iceaggr"
 
 
+def rung_reports(grace: int, reduction_factor: int, max_reports: int) -> list[int]:
+    """The report numbers where ASHA decides: ``grace * reduction_factor**k`` before the last
+    report (``max_reports``; a trial that gets there has finished)."""
+    rungs, r = [], grace
+    while r < max_reports:
+        rungs.append(r)
+        r *= reduction_factor
+    return rungs
+
+
 class RungBoard:
     """ASHA rungs for one sweep (``mode`` "min": lower metric is better)."""
 
@@ -29,11 +39,7 @@ class RungBoard:
             raise ValueError(
                 f"need grace >= 1 and reduction_factor >= 2, got {grace}, {reduction_factor}"
             )
-        self.rungs: list[int] = []
-        r = grace
-        while r < max_reports:
-            self.rungs.append(r)
-            r *= reduction_factor
+        self.rungs = rung_reports(grace, reduction_factor, max_reports)
         self.rf = reduction_factor
         self.recorded: dict[int, list[float]] = {r: [] for r in self.rungs}
         self.decisions: dict[tuple[str, int], bool] = {}

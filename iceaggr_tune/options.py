@@ -248,6 +248,9 @@ class EarlyStopOptions:
     the first rung would rank noise)."""
     reduction_factor: int = ASHA_REDUCTION_FACTOR
     """At each rung only the best 1/reduction_factor of the trials recorded so far continue."""
+    validate_every_report: bool = False
+    """Validate at every report (the whole validation curve in MLflow); by default a search
+    trial validates only where a decision reads it: at the rungs and at its last step."""
 
     def __post_init__(self) -> None:
         _require(self, 1, "grace_reports")

@@ -62,7 +62,7 @@ from iceaggr.tracking import (
     sync_spool,
 )
 from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, ray_storage, remote_path
-from iceaggr_tune.early_stop import create_board
+from iceaggr_tune.early_stop import create_board, rung_reports
 from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
 from iceaggr_tune.mlflow_watch import MlflowWatch
 from iceaggr_tune.options import (
@@ -88,6 +88,9 @@ OPTUNA_STUDY = "search"
 SPOOL_DIR = "mlflow-spool"
 """Folder of a sweep where trials keep MLflow records not sent yet (folder storage)."""
 NODE_SPOOL_DIR = f"~/.cache/iceaggr/{SPOOL_DIR}"
+HELD_OUT_DIR = "held-out-initial"
+"""Folder of a sweep where table cells share the untrained model's held-out score."""
+NODE_HELD_OUT_DIR = f"~/.cache/iceaggr/{HELD_OUT_DIR}"
 REDACTED_USER = "://***@"
 """What :func:`~iceaggr.tracking.redact_uri` leaves where a URI had credentials."""
 
@@ -117,6 +120,8 @@ class SweepResult:
     """Line fit and random guessing on the search's validation events (rad)."""
     interrupted: bool = False
     wall_seconds: float = 0.0
+    part_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each part (``table``, ``search``) from its start to its summary."""
     overhead: dict[str, float] = field(default_factory=dict)
 
 
@@ -302,6 +307,13 @@ def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str
         # Shared with the sweep driver (which sends what dead trials left) when storage is a
         # folder; with s3:// storage, a folder on each training node (`iceaggr mlflow-sync`).
         mlflow_spool_dir=NODE_SPOOL_DIR if remote_path(tune_root) else f"{tune_root}/{SPOOL_DIR}",
+        # The untrained score of a table column, shared by its cells (per node on a cluster
+        # with remote storage: each node scores each column once).
+        held_out_cache=(
+            f"{NODE_HELD_OUT_DIR}/{Path(tune_root).name}"
+            if remote_path(tune_root)
+            else f"{tune_root}/{HELD_OUT_DIR}"
+        ),
     )
 
 
@@ -353,6 +365,9 @@ def fit_part(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent_trials(opts.resources),
+            # A finished trial's driver process (torch, Ray Train and MLflow imported) runs the
+            # next trial instead of a new process starting and importing them again.
+            reuse_actors=True,
             trial_name_creator=TrialName(part),
             trial_dirname_creator=TrialName(part),
             **tune_config,
@@ -434,7 +449,13 @@ def search_config(base: ExperimentConfig, search: SearchOptions, early: EarlySto
     every = early.report_every
     divisors = [d for d in range(1, every // 2 + 1) if every % d == 0]
     cfg.train.log_every = max(divisors) if divisors else 1
-    cfg.train.eval_every = early.report_every
+    # Validation (~6 s of a core per 1,000 events for this project's model) where a decision
+    # reads it: the early-stopping rungs and the last step (Optuna's value); every report with
+    # --validate-every-report.
+    n_reports = max(1, search.steps // every)
+    rungs = rung_reports(min(early.grace_reports, n_reports), early.reduction_factor, n_reports)
+    cfg.train.eval_every = every if early.validate_every_report else 0
+    cfg.train.eval_steps = tuple(r * every for r in rungs)
     cfg.train.checkpoint_every = early.report_every
     cfg.data.max_val_events = search.val_events
     return cfg
@@ -472,12 +493,12 @@ def optuna_searcher(opts: SweepOptions, sweep_dir: Path, table: list[Cell] | Non
     """TPE in a sqlite study next to the sweep (inspect it with optuna-dashboard or
     ``optuna.load_study``; it survives a restored Tuner), warm-started from the table."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
+    from iceaggr_tune.searcher import ValidatedOptunaSearch
     from iceaggr_tune.trial import METRIC, MODE
 
     points, evaluated, rewards = warm_start(table, opts.search, arch)
-    return OptunaSearch(
+    return ValidatedOptunaSearch(
         metric=METRIC,
         mode=MODE,
         study_name=OPTUNA_STUDY,
@@ -515,6 +536,8 @@ def run_search(
     why Tune's own ASHAScheduler, which kills trials, is not used with Ray Train V2)."""
     from ray import tune
 
+    from iceaggr_tune.searcher import sparse_metric_reports
+
     cfg = search_config(base, opts.search, opts.early_stop)
     settings = _settings(opts, cfg, "search", parent, tune_root)
     n_reports = max(1, opts.search.steps // opts.early_stop.report_every)
@@ -525,15 +548,16 @@ def run_search(
             "lr": tune.loguniform(opts.search.lr_min, opts.search.lr_max),
             "dropout": tune.uniform(opts.search.dropout_min, opts.search.dropout_max),
         }
-        results = fit_part(
-            "search",
-            settings,
-            opts,
-            tune_root,
-            space,
-            search_alg=searcher,
-            num_samples=opts.search.trials,
-        )
+        with sparse_metric_reports():  # reports between validations carry no val_angle
+            results = fit_part(
+                "search",
+                settings,
+                opts,
+                tune_root,
+                space,
+                search_alg=searcher,
+                num_samples=opts.search.trials,
+            )
     return best_trial(results), results, searcher
 
 
@@ -591,12 +615,22 @@ OVERHEAD_PARTS: dict[str, str] = {
 }
 """Where a trial's time outside the training steps goes: the metrics its last report carries
 (:func:`iceaggr_tune.trial.train_fn_per_worker`) and their labels."""
+WORKER_START_PARTS: dict[str, str] = {
+    "t_ray_schedule_s": "controller, placement, process ready",
+    "t_ray_process_s": "worker process start-up",
+    "t_ray_imports_s": "imports (torch, Ray Train, ours)",
+    "t_ray_dist_init_s": "torch.distributed set-up",
+    "t_ray_other_s": "other (Ray Train context)",
+}
+"""The parts of ``t_worker_start_s`` (:func:`iceaggr_tune.worker_start.start_parts`)."""
 
 
 def trial_overhead(results: Any) -> dict[str, float]:
     """Per-trial wall time (Tune's ``time_total_s``) minus time inside training steps, with the
-    mean of each part of :data:`OVERHEAD_PARTS`; ``rest_s`` is what none of them holds (Ray
-    Train's controller and worker shutdown, Tune's bookkeeping, the last report's wait)."""
+    mean of each part of :data:`OVERHEAD_PARTS` (and of :data:`WORKER_START_PARTS`, inside
+    the worker-group start); ``rest_s`` is what none of them holds (Ray Train's controller and
+    worker shutdown, Tune's bookkeeping, the last report's wait); ``peak_memory_mb`` (mean) and
+    ``peak_memory_mb_max`` what the workers reported."""
     rows = [
         r.metrics
         for r in results
@@ -620,6 +654,10 @@ def trial_overhead(results: Any) -> dict[str, float]:
     }
     parts = {key: mean(key) for key in OVERHEAD_PARTS}
     out |= parts
+    out |= {key: mean(key) for key in WORKER_START_PARTS if any(key in m for m in rows)}
+    if any("peak_memory_mb" in m for m in rows):
+        out["peak_memory_mb_max"] = max(float(m.get("peak_memory_mb", 0.0)) for m in rows)
+        out["peak_memory_mb"] = mean("peak_memory_mb")
     # The worker's own time outside steps and the parts above are disjoint by construction.
     inside_worker = (
         mean("t_worker_s")
@@ -661,9 +699,13 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     try:
         run = _Run(opts, base, tune_root, sweep_dir, plog, result)
         if opts.run_table:
+            t_part = time.time()
             _table_part(run)
+            result.part_seconds["table"] = time.time() - t_part
         if opts.run_search and not result.interrupted:
+            t_part = time.time()
             _search_part(run)
+            result.part_seconds["search"] = time.time() - t_part
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

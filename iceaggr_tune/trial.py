@@ -15,20 +15,25 @@ trial ends at once, Tune shows it, Optuna records a bad value for that region
 ``diverged`` tags.
 """
 
+# ruff: noqa: E402  (the imports below are timed: worker start-up parts)
 from __future__ import annotations
+
+import time
+
+_IMPORT_START = time.time()  # the worker's start-up parts (iceaggr_tune.worker_start)
 
 import logging
 import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import ray.train
 import ray.tune
+import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -41,7 +46,10 @@ from iceaggr.train import CHECKPOINT_NAME, DivergenceReport, train
 from iceaggr_tune import mlflow_runs
 from iceaggr_tune.early_stop import get_board
 from iceaggr_tune.options import ResourceOptions, TableOptions, TrackingOptions
+from iceaggr_tune.worker_start import TimedTorchConfig, mark, start_parts
 
+mark("import_start", _IMPORT_START)
+mark("import_end")
 log = logging.getLogger(__name__)
 
 DIVERGED_PENALTY = math.pi
@@ -74,6 +82,9 @@ class TrialSettings:
     """Name of the sweep's early-stopping :class:`~iceaggr_tune.early_stop.RungBoard` actor."""
     mlflow_spool_dir: str | None = None
     """Shared folder for MLflow records a worker could not send yet (None: per checkpoint)."""
+    held_out_cache: str | None = None
+    """Folder where table cells share the untrained model's held-out score
+    (:mod:`iceaggr.held_out`); None: every cell scores it itself."""
 
 
 def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentConfig:
@@ -136,11 +147,28 @@ class TuneReportHook(Hook):
         return bool(ray.get(stop))
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This worker's peak memory (MiB): ``torch.cuda.max_memory_allocated`` on CUDA, else the
+    process's peak resident set size (``getrusage``; the whole process, Ray included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: the iceaggr trainer with Ray's rank, device and checkpoints."""
     t_worker = time.time()
+    started = start_parts(float(config.get("fit_start", t_worker)), t_worker)
     cfg = from_dict(ExperimentConfig, config["experiment"], "trial config")
     ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.get("cpu_threads"):
+        # One torch thread per booked CPU (Ray's OMP_NUM_THREADS says the same for whole CPUs):
+        # on CPUs the sweep runs as many one-thread trials as there are cores, which trains
+        # more events per second than fewer trials with more threads (benchmarks/concurrency.py).
+        torch.set_num_threads(int(config["cpu_threads"]))
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     work = Path(tempfile.mkdtemp(prefix=f"iceaggr-rank{rank}-"))
     resume = None
@@ -167,24 +195,29 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             cfg,
             rank=rank,
             world_size=world,
-            device=ray.train.torch.get_device(),
+            device=device,
             hooks=hooks,
             resume_from=resume,
             checkpoint_dir=work / "ckpt",
             track_fixed_batch=bool(config.get("track_fixed_batch")),
             progress=False,
+            held_out_cache=config.get("held_out_cache"),
         )
         summary: dict[str, float | str] = {
             "step": float(result.steps),
             "train_seconds": result.train_seconds,
             "max_grad_norm": result.max_grad_norm,
             "completed": 1.0,
+            "held_out_initial_shared": float(result.fixed_batch_initial_shared),
             "stopped_early": float(result.stopped_early),
             # Where the trial's time went (seconds; see TrainResult.timings and trial_driver).
             "t_driver_setup_s": float(config.get("driver_setup_s", 0.0)),
             "t_worker_start_s": t_worker - float(config.get("fit_start", t_worker)),
+            **started,
             **{f"t_{k}": v for k, v in result.timings.items()},
             "t_worker_s": time.time() - t_worker,
+            "torch_threads": float(torch.get_num_threads()),
+            "peak_memory_mb": peak_memory_mb(device),
         }
         if result.diverged is not None:
             summary |= {
@@ -263,10 +296,13 @@ def trial_driver(hp: dict[str, Any], settings: TrialSettings) -> None:
             "experiment": to_dict(cfg),
             "mlflow_run_id": run_id,
             "report_every": settings.report_every,
+            "cpu_threads": max(1, int(res.cpus_per_worker)),
             "track_fixed_batch": settings.part == "table",
+            "held_out_cache": settings.held_out_cache if settings.part == "table" else None,
             "board": settings.board,
             "trial_id": trial_id,
         },
+        torch_config=TimedTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=resources
         ),

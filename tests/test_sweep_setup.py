@@ -175,4 +175,17 @@ def test_every_report_step_of_a_search_trial_is_a_logging_step(every: int) -> No
     cfg = search_config(debug_config("/data"), search, EarlyStopOptions(report_every=every))
     t = cfg.train
     assert every % t.log_every == 0 and (t.log_every < every or every == 1)
-    assert (t.eval_every, t.checkpoint_every) == (every, every)
+    assert t.checkpoint_every == every
+    # Validation at the rungs only (report steps, so logging steps), or at every report.
+    assert t.eval_every == 0 and all(s % every == 0 for s in t.eval_steps)
+    full = EarlyStopOptions(report_every=every, validate_every_report=True)
+    assert search_config(debug_config("/data"), search, full).train.eval_every == every
+
+
+def test_a_search_trial_validates_where_early_stopping_and_optuna_read_it() -> None:
+    """Rungs after reports 3 and 6 of 10 (grace 3, factor 2): steps 60 and 120 of 200; the
+    last step always validates (Optuna's value)."""
+    search = SearchOptions(steps=200, batch_size=8)
+    early = EarlyStopOptions(report_every=20, grace_reports=3, reduction_factor=2)
+    t = search_config(debug_config("/data"), search, early).train
+    assert (t.eval_every, t.eval_steps) == (0, (60, 120))

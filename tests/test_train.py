@@ -390,6 +390,16 @@ def test_time_outside_the_steps_is_accounted_by_part(small_dataset: Path, tmp_pa
     assert bare.timings["checkpoint_s"] < 0.05
 
 
+def test_validation_at_the_given_steps_and_the_last(small_dataset: Path, tmp_path: Path) -> None:
+    """``eval_steps`` validates at those steps (a search trial's rungs) besides the last."""
+    cfg = make_cfg(
+        small_dataset, tmp_path, max_steps=5, log_every=1, eval_every=0, eval_steps=(2,),
+        checkpoint_every=0,
+    )  # fmt: skip
+    result = train(cfg, progress=False)
+    assert [int(h["step"]) for h in result.history if "val_angle" in h] == [2, 5]
+
+
 # ---------------------------------------------------------------- input audit
 
 

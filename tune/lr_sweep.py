@@ -80,7 +80,7 @@ def print_result(opts: Any, result: Any) -> None:
 
 def format_overhead(part: str, over: dict[str, float]) -> str:
     """One part's per-trial time: the wall, the training steps and where the rest went."""
-    from iceaggr_tune.sweep import OVERHEAD_PARTS
+    from iceaggr_tune.sweep import OVERHEAD_PARTS, WORKER_START_PARTS
 
     lines = [
         f"\n{part}: {int(over['trials'])} trials, mean wall {over['mean_trial_wall_s']:.1f} s, "
@@ -91,6 +91,15 @@ def format_overhead(part: str, over: dict[str, float]) -> str:
     for key, label in labels.items():
         if key in over:
             lines.append(f"  {label:<36} {over[key]:6.1f} s")
+        if key == "t_worker_start_s":
+            for sub, sub_label in WORKER_START_PARTS.items():
+                if sub in over:
+                    lines.append(f"    {sub_label:<34} {over[sub]:6.1f} s")
+    if "peak_memory_mb" in over:
+        lines.append(
+            f"  peak memory per trial (worker)       {over['peak_memory_mb']:6.0f} MiB mean, "
+            f"{over['peak_memory_mb_max']:.0f} MiB max"
+        )
     return "\n".join(lines)
 
 
@@ -106,6 +115,7 @@ def write_json(path: str, result: Any) -> None:
                 "references": result.references,
                 "interrupted": result.interrupted,
                 "wall_seconds": result.wall_seconds,
+                "part_seconds": result.part_seconds,
                 "overhead": result.overhead,
             },
             f,
