@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tracking_load import free_port, mlflow_server  # noqa: E402
+from tracking_load import free_port, mlflow_server
 
-from iceaggr.hooks import Hook  # noqa: E402
-from iceaggr.tracking import MlflowHook  # noqa: E402
+from iceaggr.hooks import Hook
+from iceaggr.tracking import MlflowHook
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     data = ensure_dataset(args.data or args.workdir / "data")
     cfg = trial_config(data, args.steps)
     results: list[CaseResult] = []
-    with mlflow_server(f"sqlite:///{args.workdir / 'mlflow.db'}", args.workdir, 2) as fast:
-        with slow_proxy(fast, args.delay) as slow:
-            for case in args.cases:
-                server, _, mode = case.partition("-")
-                url = {"off": None, "fast": fast, "slow": slow}[server]
-                r = run_case(case, cfg, url, mode != "sync", args.workdir / "trials")
-                results.append(r)
-                print(format_table([r]).splitlines()[-1], flush=True)
+    store = f"sqlite:///{args.workdir / 'mlflow.db'}"
+    with mlflow_server(store, args.workdir, 2) as fast, slow_proxy(fast, args.delay) as slow:
+        for case in args.cases:
+            server, _, mode = case.partition("-")
+            url = {"off": None, "fast": fast, "slow": slow}[server]
+            r = run_case(case, cfg, url, mode != "sync", args.workdir / "trials")
+            results.append(r)
+            print(format_table([r]).splitlines()[-1], flush=True)
     print("\n" + format_table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {

@@ -45,7 +45,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -231,9 +230,7 @@ def simulated_trial(
     try:
         run = client.create_run(experiment_id, run_name=f"sim-{seed}")
         out.run_id = run.info.run_id
-        client.log_batch(
-            out.run_id, params=[Param(f"p{i}", str(i)) for i in range(cadence.params)]
-        )
+        client.log_batch(out.run_id, params=[Param(f"p{i}", str(i)) for i in range(cadence.params)])
     except Exception as err:
         out.errors += 1
         out.error_sample = f"{type(err).__name__}: {str(err)[:200]}"
@@ -319,7 +316,7 @@ def _percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def run_load(
@@ -339,11 +336,9 @@ def run_load(
     )
     groups = [list(range(i, trials, processes)) for i in range(min(processes, trials))]
     t0 = time.monotonic()
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(len(groups), mp_context=ctx) as pool:
-        parts = pool.map(
-            _trial_group, [(url, exp_id, cadence, rate, duration, g) for g in groups]
-        )
+        parts = pool.map(_trial_group, [(url, exp_id, cadence, rate, duration, g) for g in groups])
         logs = [t for part in parts for t in part]
     wall = time.monotonic() - t0
     runs = [t.run_id for t in logs if t.run_id]

@@ -96,7 +96,7 @@ def _linefit(args: argparse.Namespace) -> int:
 
 def mlflow_server_command(args: argparse.Namespace) -> list[str]:
     """The ``mlflow server`` command line for ``iceaggr mlflow-server``."""
-    from iceaggr.tracking import absolute_tracking_uri, redact_uri
+    from iceaggr.tracking import absolute_tracking_uri
 
     store = absolute_tracking_uri(args.backend_store_uri)
     if store.split("://", 1)[0].split("+", 1)[0] == "postgresql":
@@ -135,6 +135,8 @@ def _postgres_store(store: str) -> str:
     try:
         import psycopg2  # noqa: F401
     except ImportError as err:
+        from iceaggr.tracking import redact_uri
+
         raise SystemExit(
             f"--backend-store-uri {redact_uri(store)} needs the psycopg2 driver: "
             "pip install psycopg2-binary (requirements/lock.txt pins it)"
@@ -145,7 +147,9 @@ def _postgres_store(store: str) -> str:
 def _workers(value: str) -> str:
     if value == "auto" or (value.isdigit() and int(value) > 0):
         return value
-    raise argparse.ArgumentTypeError(f"--workers must be a positive number or 'auto', not {value!r}")
+    raise argparse.ArgumentTypeError(
+        f"--workers must be a positive number or 'auto', not {value!r}"
+    )
 
 
 def _mlflow_server(args: argparse.Namespace) -> int:

@@ -92,10 +92,10 @@ class LocalPostgres:
             cmd = ["runuser", "-u", self.owner, "--", *cmd]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if check and proc.returncode != 0:
-            raise PostgresError(
-                f"{' '.join(cmd)} exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"
-                + (f"\nserver log {self.logfile}:\n{self._log_tail()}" if args[0] == "pg_ctl" else "")
-            )
+            said = (proc.stdout + proc.stderr)[-2000:]
+            if args[0] == "pg_ctl":
+                said += f"\nserver log {self.logfile}:\n{self._log_tail()}"
+            raise PostgresError(f"{' '.join(cmd)} exited {proc.returncode}: {said}")
         return proc
 
     def _log_tail(self) -> str:
@@ -129,7 +129,10 @@ class LocalPostgres:
         return (self.data / "PG_VERSION").exists()
 
     def running(self) -> bool:
-        return self.initialized() and self._run(["pg_ctl", "status", "-D", str(self.data)], check=False).returncode == 0
+        return (
+            self.initialized()
+            and self._run(["pg_ctl", "status", "-D", str(self.data)], check=False).returncode == 0
+        )
 
     def init(self) -> None:
         """``initdb`` into ``folder/data`` with socket-only, owner-only access."""
