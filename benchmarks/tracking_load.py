@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -140,8 +141,6 @@ def _healthy(url: str) -> bool:
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, root: Path, workers: int = 2) -> Iterator[str]:
     """``iceaggr mlflow-server`` on a free port of 127.0.0.1; stopped (group) on exit."""
-    import signal
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     logfile = root / f"mlflow-server-{port}.log"
@@ -226,6 +225,8 @@ def simulated_trial(
     client = MlflowClient(tracking_uri=url)
     rng = random.Random(seed)
     interval = cadence.interval_s / rate
+    # Every planned point counts: a trial whose run or params failed lost all of them.
+    out.points = math.ceil(duration / interval) * cadence.metrics
     time.sleep(rng.uniform(0, interval))
     try:
         run = client.create_run(experiment_id, run_name=f"sim-{seed}")
@@ -245,7 +246,6 @@ def simulated_trial(
         step += 1
         ts = int(time.time() * 1000)
         metrics = [Metric(f"m{k}", rng.random(), ts, step) for k in range(cadence.metrics)]
-        out.points += len(metrics)
         t0 = time.perf_counter()
         try:
             client.log_batch(out.run_id, metrics=metrics)
@@ -347,9 +347,6 @@ def run_load(
     lat = [x for t in logs for x in (t.latencies or [])]
     calls = sum(t.calls for t in logs)
     p50, p99 = _percentile(lat, 0.5), _percentile(lat, 0.99)
-    # Simulated trials whose run could not be made logged nothing: count their points too.
-    unmade = sum(1 for t in logs if not t.run_id)
-    points += unmade * math.ceil(duration * rate / cadence.interval_s) * cadence.metrics
     return LoadResult(
         backend=backend,
         trials=trials,
@@ -413,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so the servers this script started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cadence = cadence_from_store(args.cadence_from) if args.cadence_from else DEFAULT_CADENCE
     if args.quick:
         args.trials, args.duration, args.rates, args.processes = [8], 8.0, [1.0], 1
