@@ -34,6 +34,7 @@ import http.client
 import http.server
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     logging.basicConfig(level=logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so the server this script started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.cases = 20, ["off", "fast-async", "slow-async"]
