@@ -5,6 +5,7 @@ iceaggr train experiments/baseline_1m/config_fixed.yaml --set train.max_steps=20
 iceaggr probe --data data/synthetic
 iceaggr linefit --data data/synthetic
 iceaggr mlflow-server                  # the MLflow UI on http://127.0.0.1:5000
+iceaggr postgres start --dir ~/mlflow/postgres   # a local PostgreSQL store; prints its URI
 iceaggr mlflow-sync runs/sweeps/sweep-1/mlflow-spool --tracking-uri http://127.0.0.1:5000
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +107,9 @@ def mlflow_server_command(args: argparse.Namespace) -> list[str]:
     from iceaggr.tracking import absolute_tracking_uri
 
     store = absolute_tracking_uri(args.backend_store_uri)
+    if store.split("://", 1)[0].split("+", 1)[0] == "postgresql":
+        store = _postgres_store(store)
+    workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     artifacts = str(Path(args.artifacts).resolve())
     return [
         sys.executable,
@@ -120,13 +125,42 @@ def mlflow_server_command(args: argparse.Namespace) -> list[str]:
         "--artifacts-destination",
         artifacts,
         "--workers",
-        str(args.workers),
+        str(workers),
     ]
 
 
-def _mlflow_server(args: argparse.Namespace) -> int:
-    import os
+def _postgres_store(store: str) -> str:
+    """A PostgreSQL store URI with psycopg2 as its driver, checked to be importable.
 
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; MLflow 3.17's job locks know
+    psycopg2 only, which is the driver this project locks (psycopg2-binary).
+    """
+    scheme, _, rest = store.partition("://")
+    if scheme == "postgresql":
+        store = f"postgresql+psycopg2://{rest}"
+    elif scheme != "postgresql+psycopg2":
+        return store  # another driver named explicitly: the user's choice
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError as err:
+        from iceaggr.tracking import redact_uri
+
+        raise SystemExit(
+            f"--backend-store-uri {redact_uri(store)} needs the psycopg2 driver: "
+            "pip install psycopg2-binary (requirements/lock.txt pins it)"
+        ) from err
+    return store
+
+
+def _workers(value: str) -> str:
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"--workers must be a positive number or 'auto', not {value!r}"
+    )
+
+
+def _mlflow_server(args: argparse.Namespace) -> int:
     from iceaggr.tracking import LOOPBACK_HOSTS
 
     if args.host not in LOOPBACK_HOSTS:
@@ -137,9 +171,32 @@ def _mlflow_server(args: argparse.Namespace) -> int:
             args.host,
         )
     cmd = mlflow_server_command(args)
+    if args.backend_store_uri.startswith("postgresql"):
+        # One database connection for every request thread of a server worker (Starlette runs
+        # the MLflow app in a pool of 40 threads): with SQLAlchemy's default pool (5 + 10
+        # overflow) the 16th concurrent request waits 30 s and fails with "QueuePool limit of
+        # size 5 overflow 10 reached". 8 workers x 40 stays under the server's
+        # max_connections (iceaggr.pgstore.MAX_CONNECTIONS).
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "10")
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "30")
     print(" ".join(cmd), flush=True)
     os.execv(cmd[0], cmd)  # the server replaces this process (signals reach it directly)
     return 0  # pragma: no cover
+
+
+def _postgres(args: argparse.Namespace) -> int:
+    from iceaggr.pgstore import LocalPostgres, PostgresError
+
+    try:
+        pg = LocalPostgres(args.dir, port=args.port)
+        if args.action == "start":
+            print(pg.start())
+        else:
+            pg.stop()
+    except PostgresError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _mlflow_sync(args: argparse.Namespace) -> int:
@@ -218,10 +275,29 @@ def build_parser() -> argparse.ArgumentParser:
         "elsewhere through an SSH tunnel). Another address exposes the server to that network.",
     )
     ms.add_argument("--port", type=int, default=5000)
-    ms.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
+    ms.add_argument(
+        "--backend-store-uri",
+        default="sqlite:///mlflow.db",
+        help="the run store: sqlite:///FILE (default sqlite:///mlflow.db), or a PostgreSQL "
+        "database such as the URI `iceaggr postgres start` prints (a cluster's head)",
+    )
     ms.add_argument("--artifacts", default="mlartifacts", help="artifact folder")
-    ms.add_argument("--workers", type=int, default=2, help="server worker processes")
+    ms.add_argument(
+        "--workers",
+        type=_workers,
+        default="2",
+        help="server worker processes, or 'auto' for one per CPU core (default 2)",
+    )
     ms.set_defaults(fn=_mlflow_server)
+
+    pg = sub.add_parser(
+        "postgres",
+        help="start or stop a PostgreSQL server in a folder (Unix socket only) for mlflow-server",
+    )
+    pg.add_argument("action", choices=("start", "stop"))
+    pg.add_argument("--dir", required=True, help="folder of its data, socket and log")
+    pg.add_argument("--port", type=int, default=5432, help="names the socket file (no TCP)")
+    pg.set_defaults(fn=_postgres)
 
     sy = sub.add_parser(
         "mlflow-sync", help="send MLflow records that a process could not deliver (spool files)"

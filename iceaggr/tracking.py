@@ -6,13 +6,17 @@ Three pieces:
   (connection refused, timeout, 5xx) is retried every few seconds, with a warning, until
   the server answers or ``wait_s`` runs out. The sweep driver and the trial drivers use it,
   so a restarted or briefly unreachable server delays bookkeeping instead of failing trials.
-* :class:`RunLogger` is what the trainer logs through. It never blocks training: params,
-  tags and metrics go into an ordered queue (and into a JSON-lines spool file when
-  ``spool_dir`` is given), a send is tried at each report and, while the server is down,
-  at most every ``RETRY_MAX_S`` seconds. The queue is sent in order once the server is back;
-  :meth:`RunLogger.terminate` waits for it (up to ``wait_s``). If the process dies first,
-  the next logger on the same run and spool folder (a restarted Ray Train worker) sends
-  what the spool holds, or ``iceaggr mlflow-sync`` does.
+* :class:`RunLogger` is what the trainer logs through. Params, tags and metrics go into an
+  ordered queue (and into a JSON-lines spool file when ``spool_dir`` is given). Without
+  ``background`` a send is tried in the caller at each record and, while the server is
+  down, at most every ``RETRY_MAX_S`` seconds; with ``background=True`` (the trainer's
+  :class:`MlflowHook`) a sender thread does the sending, so a slow or absent server costs a
+  training step nothing (``benchmarks/logging_cost.py`` measures it); the queue is then
+  bounded (``max_pending`` records: a full queue makes the caller wait). The queue is sent in
+  order once the server is back; :meth:`RunLogger.terminate` waits for it (up to
+  ``wait_s``). If the process dies first, the next logger on the same run and spool folder
+  (a restarted Ray Train worker) sends what the spool holds, or ``iceaggr mlflow-sync``
+  does.
 * :class:`MlflowHook` is the trainer's hook (:mod:`iceaggr.hooks`) that owns a run's
   :class:`RunLogger`: params, input audit, metrics, divergence tags, the final status.
 
@@ -29,6 +33,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,6 +77,12 @@ RETRY_MAX_S = 30.0
 REMIND_EVERY_S = 300.0
 """While the server stays down, a reminder is logged this often."""
 SPOOL_PREFIX = "mlflow-spool-"
+MAX_PENDING = 100_000
+"""Unsent records a background :class:`RunLogger` holds before a new record waits for room
+(about 10,000 reports of 10 metrics: a long outage)."""
+CHECKPOINT_WAIT_S = 30.0
+"""At a checkpoint, how long :class:`MlflowHook` waits for the earlier reports to be sent
+while the server answers (none of it while the server is down)."""
 
 
 class MlflowUnreachable(RuntimeError):
@@ -271,6 +282,8 @@ class RunLogger:
         tags: dict[str, str] | None = None,
         spool_dir: str | Path | None = None,
         wait_s: float = DEFAULT_WAIT_S,
+        background: bool = False,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self.client = PatientClient(tracking_uri, wait_s)
         self.tracking_uri = tracking_uri
@@ -284,6 +297,18 @@ class RunLogger:
         self._params_on_server: set[str] | None = None
         self._queued_upto = -1  # last step of the marker metric in the queue
         self._ops: list[tuple[str, Any]] = []
+        # _lock guards _ops, the spool file and the counters; _send_lock makes one sender at
+        # a time (the background thread, or a blocking flush in the caller).
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._send_lock = threading.Lock()
+        self._queued_total = 0  # records ever queued (the spool's included)
+        self._sent_total = 0  # records ever taken off the queue after a send
+        self.max_pending = int(max_pending)
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
         self._down_since: float | None = None
         self._next_try = 0.0
         self._backoff = 1.0
@@ -301,23 +326,40 @@ class RunLogger:
                     if payload[0] == RESUME_MARKER_METRIC:
                         self._queued_upto = max(self._queued_upto, int(payload[3]))
                 self._ops.append((kind, payload))
+            self._queued_total = len(self._ops)
             log.info(
                 "MLflow run %s: %d queued records from %s", run_id, len(self._ops), self._spool
             )
+        if background:
+            self._thread = threading.Thread(
+                target=self._sender, name=f"mlflow-sender-{run_id[:8]}", daemon=True
+            )
+            self._thread.start()
 
     @property
     def pending(self) -> int:
         """Records not yet sent."""
-        return len(self._ops)
+        with self._lock:
+            return len(self._ops)
 
     # ---------------------------------------------------------------- queueing
     def _queue(self, items: list[tuple[str, Any]]) -> None:
-        self._ops.extend(items)
-        if self._spool is not None:
-            self._spool.parent.mkdir(parents=True, exist_ok=True)
-            with self._spool.open("a") as f:
-                for item in items:
-                    f.write(json.dumps(item) + "\n")
+        with self._room:
+            if self._thread is not None and len(self._ops) >= self.max_pending:
+                log.warning(
+                    "MLflow run %s: %d records unsent; logging waits for the sender",
+                    self.run_id,
+                    len(self._ops),
+                )
+                while len(self._ops) >= self.max_pending and self._thread.is_alive():
+                    self._room.wait(1.0)
+            self._ops.extend(items)
+            self._queued_total += len(items)
+            if self._spool is not None:
+                self._spool.parent.mkdir(parents=True, exist_ok=True)
+                with self._spool.open("a") as f:
+                    for item in items:
+                        f.write(json.dumps(item) + "\n")
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = redact_params(flatten(params))
@@ -352,16 +394,20 @@ class RunLogger:
             self._logged_upto = max((m.step for m in history), default=-1)
         if self._params_on_server is None:
             self._params_on_server = set(raw.get_run(self.run_id).data.params)
-        while self._ops:
-            kind, payload = self._ops[0]
+        while True:
+            with self._lock:  # only a sender removes records: the head stays as read here
+                if not self._ops:
+                    break
+                kind, payload = self._ops[0]
+                n = 1
+                if kind == "metric":
+                    while n < len(self._ops) and self._ops[n][0] == "metric":
+                        # Cut chunks between steps only: a step is sent whole or not at all.
+                        if n >= 1000 and self._ops[n][1][3] != self._ops[n - 1][1][3]:
+                            break
+                        n += 1
+                    chunk = [p for _, p in self._ops[:n] if int(p[3]) > self._logged_upto]
             if kind == "metric":
-                n = 0
-                while n < len(self._ops) and self._ops[n][0] == "metric":
-                    # Cut chunks between steps only: a step is sent whole or not at all.
-                    if n >= 1000 and self._ops[n][1][3] != self._ops[n - 1][1][3]:
-                        break
-                    n += 1
-                chunk = [p for _, p in self._ops[:n] if int(p[3]) > self._logged_upto]
                 if chunk:
                     raw.log_batch(
                         self.run_id,
@@ -373,28 +419,41 @@ class RunLogger:
                     marker = [int(p[3]) for p in chunk if p[0] == RESUME_MARKER_METRIC]
                     if marker:
                         self._logged_upto = max(self._logged_upto, max(marker))
-                del self._ops[:n]
             elif kind == "params":
                 # Params are immutable: a resumed run keeps the values it has.
                 new = [Param(k, v) for k, v in payload.items() if k not in self._params_on_server]
                 for i in range(0, len(new), 100):
                     raw.log_batch(self.run_id, params=new[i : i + 100])
                     self._params_on_server.update(p.key for p in new[i : i + 100])
-                del self._ops[0]
             elif kind == "tags":
                 raw.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in payload.items()])
-                del self._ops[0]
             else:  # pragma: no cover - only the kinds above are queued
                 raise ValueError(f"unknown MLflow record kind {kind!r}")
+            with self._room:
+                del self._ops[:n]
+                self._sent_total += n
+                self._room.notify_all()
 
     def flush(self, block: bool = False) -> bool:
         """Send what is queued. Returns False (keeping it) when the server is unreachable.
 
         Non-blocking by default: while the server is down an attempt is made at most every
-        few seconds (backing off to ``RETRY_MAX_S``). ``block=True`` waits up to ``wait_s``,
-        retrying as every :class:`PatientClient` call does.
+        few seconds (backing off to ``RETRY_MAX_S``); with a background sender it only wakes
+        the sender and returns False while the server is known to be down. ``block=True``
+        waits up to ``wait_s``, retrying as every :class:`PatientClient` call does (with a
+        background sender, after its send in progress).
         """
-        if not self._ops and self._logged_upto is not None:
+        if self._thread is not None and not block:
+            self._wake.set()
+            return self._down_since is None
+        if self._thread_error is not None:
+            err, self._thread_error = self._thread_error, None
+            raise err
+        with self._send_lock:
+            return self._flush_now(block)
+
+    def _flush_now(self, block: bool) -> bool:
+        if not self.pending and self._logged_upto is not None:
             return True
         now = time.monotonic()
         if not block and self._down_since is not None and now < self._next_try:
@@ -408,7 +467,7 @@ class RunLogger:
             log.error(
                 "%s; %d records of run %s are not sent%s",
                 err,
-                len(self._ops),
+                self.pending,
                 self.run_id,
                 f" (kept in {self._spool}; send them later with `iceaggr mlflow-sync "
                 f"{self._spool.parent} --tracking-uri URI`)"
@@ -450,6 +509,49 @@ class RunLogger:
         self._next_try = now + self._backoff
         self._backoff = min(RETRY_MAX_S, self._backoff * 2)
 
+    def _sender(self) -> None:
+        """The background sender: sends whenever woken, retries while the server is down."""
+        while not self._closed:
+            down = self._down_since is not None
+            self._wake.wait(max(0.05, self._next_try - time.monotonic()) if down else None)
+            self._wake.clear()
+            if self._closed:
+                break
+            try:
+                with self._send_lock:
+                    self._flush_now(block=False)
+            except Exception as err:  # not an outage: the caller's next blocking flush raises
+                log.error("MLflow run %s: the sender stops on %s", self.run_id, _short(err))
+                self._thread_error = err
+                break
+
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until what is queued now has been sent; False if not.
+
+        Returns at once with False while the server is known to be down (the records stay
+        queued and spooled); without a background sender it is a blocking :meth:`flush`.
+        """
+        if self._thread is None:
+            return self.flush(block=True)
+        with self._lock:
+            target = self._queued_total
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        with self._room:
+            while self._sent_total < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._down_since is not None or not self._thread.is_alive():
+                    return False
+                self._room.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        """Stop the background sender (what it holds stays queued and spooled)."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.client.wait_s)
+
     def _note_up(self) -> None:
         if self._down_since is not None:
             log.warning(
@@ -459,8 +561,9 @@ class RunLogger:
                 self.run_id,
             )
             self._down_since = None
-        if self._spool is not None and self._spool.exists():
-            self._spool.unlink()
+        with self._lock:  # a record queued meanwhile keeps the spool
+            if self._spool is not None and not self._ops and self._spool.exists():
+                self._spool.unlink()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -472,6 +575,7 @@ class RunLogger:
                 f"MLflow at {redact_uri(self.tracking_uri)} did not take the records of run "
                 f"{self.run_id}; the run is left open"
             )
+        self.close()
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -483,6 +587,12 @@ class MlflowHook(Hook):
     input audit's largest magnitudes. Every report's metrics; at a divergence its metrics and
     the ``diverged`` tags. At the end a run this hook made is ended (FAILED when it diverged,
     else FINISHED); a given run is only flushed, blocking, for its owner to end.
+
+    A background thread sends the records (``background``, the default): a report costs the
+    training step a spool write, not a round trip to the server. At a checkpoint the hook
+    waits until the earlier reports are on the server (usually long done; no wait while the
+    server is down), so a trial restarted from that checkpoint on another node finds its
+    curve up to there.
     """
 
     def __init__(
@@ -494,9 +604,11 @@ class MlflowHook(Hook):
         experiment: str = "iceaggr",
         spool_dir: str | Path | None = None,
         wait_s: float = DEFAULT_WAIT_S,
+        background: bool = True,
     ) -> None:
         self.tracking_uri, self.run_id, self.tags = tracking_uri, run_id, dict(tags or {})
         self.experiment, self.spool_dir, self.wait_s = experiment, spool_dir, wait_s
+        self.background = background
         self.logger: RunLogger | None = None
         self.trainer: Trainer | None = None
 
@@ -529,6 +641,7 @@ class MlflowHook(Hook):
             run_name=trainer.cfg.name,
             spool_dir=self.spool_dir if self.spool_dir is not None else trainer.checkpoint_dir,
             wait_s=self.wait_s,
+            background=self.background,
         )
         tags = dict(self.tags)
         if trainer.start_step > 0:  # a resumed run says from where (its curve continues there)
@@ -543,6 +656,8 @@ class MlflowHook(Hook):
 
     def on_report(self, metrics: dict[str, float], step: int, checkpoint_dir: Path | None) -> None:
         assert self.logger is not None
+        if checkpoint_dir is not None:
+            self.logger.wait_sent(CHECKPOINT_WAIT_S)
         self.logger.log_metrics(metrics, step)
 
     def on_diverged(self, report: DivergenceReport, metrics: dict[str, float], step: int) -> None:
@@ -569,6 +684,7 @@ class MlflowHook(Hook):
             self.logger.terminate("FAILED" if result.diverged else "FINISHED")
         else:
             self.logger.flush(block=True)  # the owner ends the run; the records must be there
+            self.logger.close()
 
 
 def sync_spool(spool_dir: str | Path, tracking_uri: str, wait_s: float = 60.0) -> dict[str, int]:

@@ -9,10 +9,13 @@ What the test changes in a copy of ``cluster-onprem.yaml``, and only that: the h
 127.0.0.1 with no workers, reached as root through ``nc`` to the test's sshd port; Ray's ports,
 the dashboard's and MLflow's are free ports, Ray is started with --node-ip-address=127.0.0.1
 and MLflow on 127.0.0.1, and Ray's temp dir
-is a scratch folder (so nothing collides with another Ray on this machine); the checkout's
-virtual environment is linked into the copy (``make venv`` there is then a no-op instead of a
-second install). Everything else (rsync of the checkout and the token, setup commands, token
-authentication, MLflow server start, the job API) runs as written.
+is a scratch folder (so nothing collides with another Ray on this machine); the head's
+PostgreSQL folder is a scratch folder directly under /tmp (run as root, PostgreSQL runs as the
+``postgres`` account, which cannot enter pytest's folders), stopped and removed at the end; the
+checkout's virtual environment is linked into the copy (``make venv`` there is then a no-op
+instead of a second install). Everything else (rsync of the checkout and the token, setup
+commands, token authentication, PostgreSQL and MLflow server start, the job API) runs as
+written.
 
 Without sshd, rsync, nc or root the test is skipped with the reason; under ``CI=true`` that is
 a failure (``.ci/run`` installs them).
@@ -138,7 +141,7 @@ class Sshd:
             self.proc.wait(timeout=30)
 
 
-def loopback_config(sshd: Sshd, ports: dict[str, int], ray_tmp: Path) -> str:
+def loopback_config(sshd: Sshd, ports: dict[str, int], ray_tmp: Path, pg_dir: Path) -> str:
     """cluster-onprem.yaml with the substitutions listed in the module docstring."""
     text = ONPREM_YAML.read_text()
     replace = {
@@ -148,6 +151,7 @@ def loopback_config(sshd: Sshd, ports: dict[str, int], ray_tmp: Path) -> str:
         HEAD_ADDRESS: "127.0.0.1",
         "--port 5000": f"--port {ports['mlflow']}",
         ":5000;": f":{ports['mlflow']};",
+        "$HOME/mlflow/postgres": str(pg_dir),
     }
     for old, new in replace.items():
         assert old in text, f"cluster-onprem.yaml no longer contains {old!r}"
@@ -188,7 +192,8 @@ def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, tmp_path):
     cfg = tmp_path / "cluster.yaml"
     # Ray's session folder holds AF_UNIX sockets (paths of at most 107 bytes): keep it short.
     ray_tmp = Path(tempfile.mkdtemp(prefix="iceaggr-rayup-", dir="/tmp"))
-    cfg.write_text(loopback_config(sshd, ports, ray_tmp))
+    pg_dir = Path(tempfile.mkdtemp(prefix="iceaggr-pg-", dir="/tmp"))
+    cfg.write_text(loopback_config(sshd, ports, ray_tmp, pg_dir))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))} | {
         "HOME": str(local_home),
         "RAY_AUTH_MODE": "token",
@@ -223,6 +228,9 @@ def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, tmp_path):
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert len(children) >= 4  # the smoke table's cells and its search trials
+        # The head's MLflow server stored them in the head's PostgreSQL.
+        server = subprocess.run(["pgrep", "-af", "mlflow server"], capture_output=True, text=True)
+        assert f"postgresql+psycopg2://postgres@/mlflow?host={pg_dir}/socket" in server.stdout
         assert all(r.info.status in ("FINISHED", "FAILED") for r in children)
         print(
             f"ray up: nodes {[(n['node_ip'], n['state']) for n in nodes]}; job SUCCEEDED; "
@@ -236,7 +244,12 @@ def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, tmp_path):
             sshd.stop()
             # `ray down` stops Ray; the MLflow server the head commands started is the user's
             # to keep, so the test stops it (it serves this test's store only).
-            subprocess.run(["pkill", "-f", f"{sshd.home}/mlflow/mlflow.db"], check=False)
+            subprocess.run(["pkill", "-f", f"host={pg_dir}/"], check=False)
+            subprocess.run(
+                [sys.executable, "-m", "iceaggr.cli", "postgres", "stop", "--dir", str(pg_dir)],
+                check=False,
+            )
+            shutil.rmtree(pg_dir, ignore_errors=True)
     left = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True)
     assert left.stdout == b"", "ray down left Ray processes of the test cluster running"
     shutil.rmtree(ray_tmp, ignore_errors=True)

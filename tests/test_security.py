@@ -178,6 +178,40 @@ def test_cluster_yaml_mlflow_server_is_bound_to_the_private_address() -> None:
     assert "--dashboard-host=127.0.0.1" in start
 
 
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-onprem.yaml"])
+def test_cluster_files_run_mlflow_on_the_heads_own_postgres(name: str) -> None:
+    """The head installs and starts PostgreSQL in one folder (Unix socket only, no password
+    anywhere) and the MLflow server uses that store, one worker per core."""
+    cfg = yaml.safe_load((REPO / name).read_text())
+    setup = cfg["head_setup_commands"]
+    (install,) = [c for c in setup if "apt-get install" in c]
+    assert "postgresql" in install and install.startswith("ls /usr/lib/postgresql/")
+    (start,) = [c for c in setup if "iceaggr postgres start" in c]
+    folder = re.search(r"--dir (\S+)", start).group(1)
+    (command,) = [c for c in cfg["head_start_ray_commands"] if "mlflow-server" in c]
+    assert f'--backend-store-uri "$(iceaggr postgres start --dir {folder})"' in command
+    assert f"host={folder}/" in command  # the pattern that stops an earlier server
+    assert "sqlite" not in command and "--workers auto" in command
+    for text in [*setup, command]:
+        assert not re.search(r"(?i)passw|PGPASS|://[^@\s]*:[^@\s]*@", text), text
+
+
+def test_mlflow_server_reads_a_bare_postgresql_uri_with_psycopg2() -> None:
+    from iceaggr.cli import build_parser, mlflow_server_command
+
+    uri = "postgresql://ray@/mlflow?host=/home/ray/mlflow/postgres/socket&port=5432"
+    args = build_parser().parse_args(["mlflow-server", "--backend-store-uri", uri])
+    cmd = mlflow_server_command(args)
+    assert cmd[cmd.index("--backend-store-uri") + 1] == uri.replace(
+        "postgresql://", "postgresql+psycopg2://"
+    )
+    args = build_parser().parse_args(["mlflow-server", "--workers", "auto"])
+    cmd = mlflow_server_command(args)
+    assert cmd[cmd.index("--workers") + 1] == str(os.cpu_count())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mlflow-server", "--workers", "0"])
+
+
 def test_mlflow_server_command_defaults_to_loopback() -> None:
     from iceaggr.cli import build_parser, mlflow_server_command
 

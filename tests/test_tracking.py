@@ -69,6 +69,40 @@ def test_metrics_logged_during_an_outage_arrive_once_the_server_is_back(
     assert any("is back" in r.getMessage() for r in caplog.records)
 
 
+def test_a_background_logger_never_waits_and_loses_nothing_on_a_clean_stop(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """The trainer's logger (a sender thread): a record costs the caller no round trip, not
+    even while the server is down; the spool holds what is unsent; terminate sends it all."""
+    spool = tmp_path / "spool"
+    mlog = RunLogger(
+        mlflow_server.url, experiment="bg", run_name="r", spool_dir=spool, background=True
+    )
+    spool_file = spool / f"mlflow-spool-{mlog.run_id}.jsonl"
+    for step in range(1, 4):
+        mlog.log_metrics({"loss": 1.0 / step}, step)
+    assert mlog.wait_sent(60)
+    assert mlog.pending == 0 and not spool_file.exists()
+    mlflow_server.stop()
+    spent = []
+    for step in range(4, 40):
+        t0 = time.perf_counter()
+        mlog.log_metrics({"loss": 1.0 / step, "grad_norm": 1.0}, step)
+        spent.append(time.perf_counter() - t0)
+    assert max(spent) < 0.5, spent  # a send attempt against a dead port would show here
+    assert not mlog.wait_sent(5)  # the server is down: no wait
+    assert mlog.pending == 2 * 36 and spool_file.exists()
+    lines = spool_file.read_text().splitlines()
+    assert len(lines) == 2 * 36  # everything unsent is on disk for a successor
+    mlflow_server.start()
+    mlog.terminate("FINISHED")
+    client = MlflowClient(mlflow_server.url)
+    assert _steps(client, mlog.run_id) == list(range(1, 40))
+    assert client.get_run(mlog.run_id).info.status == "FINISHED"
+    assert not spool_file.exists()
+    assert not mlog._thread.is_alive()
+
+
 def test_a_restarted_process_sends_what_a_killed_one_held(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
