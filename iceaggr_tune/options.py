@@ -243,9 +243,10 @@ class EarlyStopOptions:
     carries a validation and a checkpoint); default: 20 when trials train on CPUs, 50 on
     GPUs."""
     grace_reports: int = 3
-    """Reports every search trial makes before early stopping may end it (3: on CPUs step 60;
-    at step 40 every trial of this project's model is still in its flat start, ~1.58 rad, and
-    the first rung would rank noise)."""
+    """Reports every search trial makes before early stopping may end it (3: on CPUs step 60).
+    Chosen when this project's model still had a flat start (~1.58 rad until step ~60, where
+    a step-40 rung ranked noise); with the moment prior it starts at the line fit's level and
+    ``benchmarks/rung_fidelity.py`` measures how well this rung ranks the trials now."""
     reduction_factor: int = ASHA_REDUCTION_FACTOR
     """At each rung only the best 1/reduction_factor of the trials recorded so far continue."""
     validate_every_report: bool = False
