@@ -190,6 +190,8 @@ class LearningCell:
     vs_const: float | None
     """Mean held-out error minus the best constant direction's (finite seeds, rad)."""
     diverged_at_step: int | None
+    loss_change: float | None = None
+    """Mean change of the held-out error over the steps (finite seeds, rad)."""
 
     @property
     def stability(self) -> str:
@@ -227,6 +229,9 @@ class LearningCell:
         """What the finite seeds learned (empty when every seed exploded)."""
         finite = self.seeds - self.exploded
         vs = f"{self.vs_const:+.3f} vs constant" if self.vs_const is not None else None
+        if self.loss_change is not None:
+            change = f"held-out {self.loss_change:+.3f}"
+            vs = change if vs is None else f"{change}, {vs}"
         r = f"R {self.resultant:.3f}" if self.resultant is not None else None
         parts = {
             "learned": ["learned", vs],
@@ -247,6 +252,7 @@ def learning_cell(seed_cells: list[Cell]) -> LearningCell:
     finite = [c for c in seed_cells if c.status != "explodes"]
     resultants = [c.resultant_final for c in finite if c.resultant_final is not None]
     margins = [c.vs_const for c in finite if c.vs_const is not None]
+    changes = [c.loss_change for c in finite if c.loss_change is not None]
     exploded = [c for c in seed_cells if c.status == "explodes"]
     return LearningCell(
         exploded=len(exploded),
@@ -258,6 +264,7 @@ def learning_cell(seed_cells: list[Cell]) -> LearningCell:
         resultant=sum(resultants) / len(resultants) if resultants else None,
         vs_const=sum(margins) / len(margins) if margins else None,
         diverged_at_step=min((c.diverged_at_step or 0 for c in exploded), default=None) or None,
+        loss_change=sum(changes) / len(changes) if changes else None,
     )
 
 
@@ -277,10 +284,11 @@ def format_learning(
     lines += [
         "",
         f"✅ stable: finite, and no parameter's pre-clip gradient norm exceeded {warn}; ⚠️: one "
-        "did; ❌ EXPLODES: a loss, prediction or gradient went non-finite. learned: after the "
-        f"last step the mean angular error on {events} held-out events is below that of the "
-        f"best constant direction on the same events by more than {LEARNED_Z:g} paired standard "
-        "errors (vs constant: the difference, rad); collapsed: the mean resultant length R of "
+        "did; ❌ EXPLODES: a loss, prediction or gradient went non-finite. learned: the mean "
+        f"angular error on {events} held-out events fell over the steps (held-out: the change, "
+        "rad) and ends below that of the best constant direction on the same events (vs "
+        f"constant: the difference, rad), each by more than {LEARNED_Z:g} paired standard "
+        "errors; collapsed: the mean resultant length R of "
         f"the predictions is >= {COLLAPSE_RESULTANT:g} (1: one direction for every event; the "
         "true directions' own R is printed in the JSON as target_resultant).",
     ]

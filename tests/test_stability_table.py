@@ -107,7 +107,13 @@ def test_reproduction_shows_the_worst_seed() -> None:
 def test_learning_view_says_stable_but_collapsed_learned_and_exploded() -> None:
     collapsed = cell(1e-3, True, resultant_final=0.99999, vs_const=0.0123, collapsed=True)
     learned = cell(
-        1e-3, True, model="iceaggr", resultant_final=0.061, vs_const=-0.2151, learned=True
+        1e-3,
+        True,
+        model="iceaggr",
+        resultant_final=0.061,
+        vs_const=-0.2151,
+        learned=True,
+        loss_change=-0.12,
     )
     exploded = cell(1e-3, False, status="explodes", stable=False, diverged_at_step=13)
     unstable = cell(
@@ -120,13 +126,13 @@ def test_learning_view_says_stable_but_collapsed_learned_and_exploded() -> None:
         "| Learning Rate | Before Normalization | After Normalization "
         "| This project's model, normalized |"
     )
-    assert (
-        rows[2]
-        == "| 1e-4 | ⚠️ max param grad 3.1e+02 · not learned, +0.004 vs constant, R 0.983 | — | — |"
+    assert rows[2] == (
+        "| 1e-4 | ⚠️ max param grad 3.1e+02 · not learned, held-out +0.010, +0.004 vs constant, "
+        "R 0.983 | — | — |"
     )
     assert rows[3] == (
         "| 1e-3 | ❌ EXPLODES at step 13 | ✅ stable · collapsed, R 1.000 "
-        "| ✅ stable · learned, -0.215 vs constant |"
+        "| ✅ stable · learned, held-out -0.120, -0.215 vs constant |"
     )
     assert "by more than 2 paired standard errors" in rows[5]
 
@@ -140,7 +146,10 @@ def test_learning_cell_over_seeds() -> None:
         ]
     )
     assert (lc.stability, lc.learning) == ("explodes", "mixed")
-    assert lc.text == ("❌ EXPLODES (1/3 seeds) · learned (1/2 seeds), -0.040 vs constant, R 0.200")
+    assert lc.text == (
+        "❌ EXPLODES (1/3 seeds) · learned (1/2 seeds), held-out +0.010, -0.040 vs constant, "
+        "R 0.200"
+    )
 
 
 def test_table_json_holds_both_views_and_the_published_table(tmp_path: Path) -> None:
