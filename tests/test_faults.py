@@ -133,9 +133,12 @@ def _registered_checkpoint_step(train_dir: Path) -> int | None:
 
 
 def _train_worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
     actors = list_actors(
+        # This test's cluster, even when other Ray instances run on the machine.
+        address=ray.get_runtime_context().gcs_address,
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
         raise_on_missing_output=False,
     )
