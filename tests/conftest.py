@@ -111,7 +111,7 @@ class MlflowServer:
         self.proc = None
         self.starts = 0
 
-    def start(self, timeout: float = 120.0) -> str:
+    def start(self, timeout: float = 300.0) -> str:
         import os
         import subprocess
         import time
