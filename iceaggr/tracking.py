@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iceaggr.collapse import CollapseStats
 from iceaggr.hooks import Hook
 
 if TYPE_CHECKING:
@@ -673,12 +672,7 @@ class MlflowHook(Hook):
 
     def on_end(self, result: TrainResult) -> None:
         assert self.logger is not None and self.trainer is not None
-        tc = self.trainer.cfg.train
         if result.val_collapse is not None and result.diverged is None:
-            if self.trainer._held_out_is_validation() and result.steps == tc.max_steps:
-                # The held-out set was the last validation (scored once, after the last report).
-                stats = CollapseStats.from_dict(result.val_collapse)
-                self.logger.log_metrics({"val_angle": stats.angle, **stats.metrics()}, result.steps)
             self.logger.set_tags({TAG_COLLAPSED: "true" if result.collapsed else "false"})
         if self.run_id is None:  # a run this hook made; otherwise its owner ends it
             self.logger.terminate("FAILED" if result.diverged else "FINISHED")

@@ -497,6 +497,7 @@ class Trainer:
         self._fixed_initial: torch.Tensor | None = None  # (N,) per-event losses before step 1
         self._val_const: tuple[torch.Tensor, float] | None = None  # best constant, validation
         self._fixed_const: tuple[torch.Tensor, float] | None = None  # and on the fixed set
+        self._held_out_final: dict[str, float] | None = None  # metrics of its final score
         self.held_out_cache = HeldOutCache(held_out_cache) if held_out_cache else None
         if build_data:
             self._batches = self._audited_batches()
@@ -743,9 +744,12 @@ class Trainer:
         if self.dataset is not None and self.dataset.cache is not None:
             # An s3:// dataset: this process's node-cache hits, misses and bytes fetched.
             metrics |= self.dataset.cache.stats.metrics()
-        last = step == tc.max_steps and not self._held_out_is_validation()
+        held_out_last = step == tc.max_steps and self._held_out_is_validation()
+        last = step == tc.max_steps and not held_out_last
         due = (tc.eval_every and step % tc.eval_every == 0) or step in tc.eval_steps or last
-        if self.val_loader is not None and due:
+        if held_out_last:  # the held-out set is the last validation: scored once, reported
+            metrics.update(self._score_held_out_final())
+        elif self.val_loader is not None and due:
             t0 = time.perf_counter()
             metrics.update(self.validate())
             self.result.add_time("validation_s", t0)
@@ -864,6 +868,29 @@ class Trainer:
         angular = self.cfg.train.loss == "angular"
         return bool(self.fixed_batches) and not self.distributed and angular
 
+    def _score_held_out_final(self) -> dict[str, float]:
+        """Score the fixed held-out set after training (once): its final loss and paired
+        stderr and collapse signals; when it is the run's last validation, also ``val_angle``
+        and the collapse metrics, returned for the last report."""
+        r, tc = self.result, self.cfg.train
+        if self._held_out_final is None:
+            t0 = time.perf_counter()
+            final, directions = self._fixed_set_eval()
+            r.fixed_collapse_final = self._fixed_collapse(directions)
+            r.add_time("held_out_s", t0)
+            metrics: dict[str, float] = {}
+            if self._held_out_is_validation() and self.state.step == tc.max_steps:
+                stats = CollapseStats.from_dict(r.fixed_collapse_final)
+                r.val_angle = float(final.mean())  # the last validation, scored once
+                self._record_collapse(stats)
+                metrics = {"val_angle": r.val_angle, **stats.metrics()}
+            r.fixed_batch_loss_final = float(final.mean())
+            if self._fixed_initial is not None and final.numel() > 1:
+                change = final - self._fixed_initial  # (N,) paired per-event changes
+                r.fixed_batch_change_stderr = float(change.std() / math.sqrt(change.numel()))
+            self._held_out_final = metrics
+        return self._held_out_final
+
     def _finish(self) -> TrainResult:
         r, tc = self.result, self.cfg.train
         r.max_grad_norm = self.guard.max_grad_norm
@@ -872,18 +899,7 @@ class Trainer:
         n_steps = r.steps - self.start_step
         r.events_per_s = n_steps * tc.batch_size * self.world_size / max(1e-9, r.train_seconds)
         if self.fixed_batches and r.diverged is None:
-            t0 = time.perf_counter()
-            final, directions = self._fixed_set_eval()
-            r.fixed_collapse_final = self._fixed_collapse(directions)
-            r.add_time("held_out_s", t0)
-            if self._held_out_is_validation() and r.steps == tc.max_steps:
-                r.val_angle = float(final.mean())  # the last validation, scored once
-                r.val_collapse = r.fixed_collapse_final
-                r.collapsed = r.val_collapse["resultant"] >= tc.collapse_resultant
-            r.fixed_batch_loss_final = float(final.mean())
-            if self._fixed_initial is not None and final.numel() > 1:
-                change = final - self._fixed_initial  # (N,) paired per-event changes
-                r.fixed_batch_change_stderr = float(change.std() / math.sqrt(change.numel()))
+            self._score_held_out_final()
         for hook in self.hooks:
             hook.on_end(r)
         return r
