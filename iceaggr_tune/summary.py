@@ -33,7 +33,8 @@ def _best_val(result: Any) -> float | None:
     return min(finite) if finite else None
 
 
-def _last_finite(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number, else None."""
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -56,9 +57,9 @@ def search_rows(results: Any) -> list[dict[str, Any]]:
                 "best_val": _best_val(r),
                 "stopped_early": bool(m.get("stopped_early")),
                 "diverged": bool(m.get("diverged")),
-                "resultant": _last_finite(m.get("val_resultant")),
+                "resultant": finite_or_none(m.get("val_resultant")),
                 "collapsed": None if m.get("collapsed") is None else bool(m.get("collapsed")),
-                "vs_const": _last_finite(m.get("val_vs_const")),
+                "vs_const": finite_or_none(m.get("val_vs_const")),
                 "error": None if r.error is None else type(r.error).__name__,
             }
         )

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -563,6 +562,7 @@ def run_search(
 
 def best_trial(results: Any) -> dict[str, Any] | None:
     """The finished, not diverged search trial with the lowest validation metric."""
+    from iceaggr_tune.summary import finite_or_none
     from iceaggr_tune.trial import METRIC
 
     candidates = [
@@ -571,7 +571,7 @@ def best_trial(results: Any) -> dict[str, Any] | None:
         if r.error is None
         and r.metrics
         and not r.metrics.get("diverged")
-        and _finite_or_none(r.metrics.get(METRIC)) is not None
+        and finite_or_none(r.metrics.get(METRIC)) is not None
     ]
     if not candidates:
         return None
@@ -594,14 +594,6 @@ def _reporter(params: list[str]):
         metric_columns=["step", "loss", "val_angle", "max_grad_norm", "diverged", "stopped_early"],
         max_report_frequency=30,
     )
-
-
-def _finite_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 OVERHEAD_PARTS: dict[str, str] = {
