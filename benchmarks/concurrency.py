@@ -60,8 +60,8 @@ def _worker(
 
     torch.set_num_threads(threads)
     from benchmarks.throughput import synthetic_batches
-    from iceaggr.config import load_config
-    from iceaggr.train import Trainer
+    from iceaggr.training.config import load_config
+    from iceaggr.training.train import Trainer
 
     cfg = load_config(ROOT / WORKLOADS[workload]["config"])
     cfg.train.batch_size = batch

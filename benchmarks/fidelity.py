@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from iceaggr.linefit import line_fit_dataset
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.linefit import line_fit_dataset
+from iceaggr.data.synth import write_synthetic_dataset
 
 PULSE_CAP = 3_000
 """Pulses per event kept by the capped statistics."""

@@ -113,8 +113,8 @@ def throughput_ours(plan: Plan, tmp: Path) -> dict[str, Any]:
 def throughput_original(plan: Plan) -> list[dict[str, Any]]:
     """The original network's training events/s (fp32, bf16) on the throughput batches."""
     from benchmarks.throughput import synthetic_batches, time_training
-    from iceaggr.config import load_config
-    from iceaggr.model import build_model
+    from iceaggr.models.model import build_model
+    from iceaggr.training.config import load_config
 
     cfg = load_config(ORIGINAL_CONFIG)
     device = torch.device(plan.device)
@@ -150,8 +150,8 @@ def throughput_original(plan: Plan) -> list[dict[str, Any]]:
 def loss_agreement(plan: Plan) -> list[dict[str, Any]]:
     """Per-step training losses of fp32 and bf16 from the same weights on the same batches."""
     from benchmarks.throughput import synthetic_batches
-    from iceaggr.config import load_config
-    from iceaggr.train import Trainer
+    from iceaggr.training.config import load_config
+    from iceaggr.training.train import Trainer
 
     out = []
     device = torch.device(plan.device)

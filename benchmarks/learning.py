@@ -60,14 +60,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from iceaggr.batch import DomBatch
-from iceaggr.config import ExperimentConfig, load_config, to_dict
-from iceaggr.dataset import KaggleDataset, split_batch_ids
-from iceaggr.linefit import angular_error, line_fit, select_hits
-from iceaggr.loader import EventLoader
+from iceaggr.data.batch import DomBatch
+from iceaggr.data.dataset import KaggleDataset, split_batch_ids
+from iceaggr.data.linefit import angular_error, line_fit, select_hits
+from iceaggr.data.loader import EventLoader
+from iceaggr.data.synth import write_synthetic_dataset
 from iceaggr.logs import setup_logging
-from iceaggr.synth import write_synthetic_dataset
-from iceaggr.train import evaluate, train
+from iceaggr.training.config import ExperimentConfig, load_config, to_dict
+from iceaggr.training.train import evaluate, train
 
 log = logging.getLogger("benchmarks.learning")
 

@@ -60,10 +60,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from iceaggr.batch import DomBatch
-from iceaggr.dataset import KaggleDataset
-from iceaggr.loader import EventLoader, LoaderStats, Truncation, assemble_batch
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.batch import DomBatch
+from iceaggr.data.dataset import KaggleDataset
+from iceaggr.data.loader import EventLoader, LoaderStats, Truncation, assemble_batch
+from iceaggr.data.synth import write_synthetic_dataset
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "loader.json"
 TARGET_EVENTS_PER_S = 50_000
@@ -279,7 +279,7 @@ def _storage_epoch(root: str, cache_dir: str, batch_size: int, out: Any) -> None
     """One epoch in this (fresh) process; puts its numbers on ``out``."""
     import resource
 
-    from iceaggr.cache import FileCache
+    from iceaggr.data.cache import FileCache
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -46,8 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tracking_load import free_port, mlflow_server
 
-from iceaggr.hooks import Hook
-from iceaggr.tracking import MlflowHook
+from iceaggr.tracking.run_logger import MlflowHook
+from iceaggr.training.hooks import Hook
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def run_case(name: str, cfg: Any, url: str | None, background: bool, out: Path) 
 
     from mlflow.tracking import MlflowClient
 
-    from iceaggr.train import train
+    from iceaggr.training.train import train
 
     cfg = copy.deepcopy(cfg)
     cfg.name = f"logging-cost-{name}"
@@ -223,7 +223,7 @@ def format_table(results: list[CaseResult]) -> str:
 
 
 def ensure_dataset(path: Path) -> Path:
-    from iceaggr.synth import write_synthetic_dataset
+    from iceaggr.data.synth import write_synthetic_dataset
 
     if not (path / "train_meta.parquet").exists():
         write_synthetic_dataset(path, n_events=6_000, batch_size=2_000, seed=0, progress=False)

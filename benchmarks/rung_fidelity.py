@@ -45,10 +45,10 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # benchmarks/learning.
 
 from learning import line_fit_error
 
-from iceaggr.config import ExperimentConfig, to_dict
-from iceaggr.dataset import KaggleDataset, split_batch_ids
+from iceaggr.data.dataset import KaggleDataset, split_batch_ids
 from iceaggr.logs import setup_logging
-from iceaggr.train import train
+from iceaggr.training.config import ExperimentConfig, to_dict
+from iceaggr.training.train import train
 from iceaggr_tune.early_stop import RungBoard
 from iceaggr_tune.options import SearchOptions, SweepOptions
 from iceaggr_tune.sweep import base_experiment, ensure_data, search_config

@@ -72,13 +72,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from iceaggr.batch import PULSE_FEATURES, DomBatch
-from iceaggr.config import ExperimentConfig, load_config
-from iceaggr.geometry import NUM_SENSORS
-from iceaggr.loader import Truncation
-from iceaggr.model import IceAggrModel, ModelConfig
-from iceaggr.normalization import NUM_SUMMARY_FEATURES
-from iceaggr.train import Trainer
+from iceaggr.data.batch import PULSE_FEATURES, DomBatch
+from iceaggr.data.geometry import NUM_SENSORS
+from iceaggr.data.loader import Truncation
+from iceaggr.models.model import IceAggrModel, ModelConfig
+from iceaggr.models.normalization import NUM_SUMMARY_FEATURES
+from iceaggr.training.config import ExperimentConfig, load_config
+from iceaggr.training.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "experiments" / "iceaggr_baseline" / "config.yaml"
@@ -848,8 +848,8 @@ def time_loader(
     median of the later ones, and the file read (first minus steady) is amortized over the
     events of a file: ``batch_ms`` = steady + read * batch_size / events per file.
     """
-    from iceaggr.dataset import KaggleDataset
-    from iceaggr.loader import EventLoader
+    from iceaggr.data.dataset import KaggleDataset
+    from iceaggr.data.loader import EventLoader
 
     t_open = time.perf_counter()
     ds = KaggleDataset(data_dir)

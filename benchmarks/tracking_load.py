@@ -171,7 +171,7 @@ def mlflow_server(store_uri: str, root: Path, workers: int = 2) -> Iterator[str]
 @contextlib.contextmanager
 def postgres_store() -> Iterator[str]:
     """A fresh PostgreSQL server in a temporary folder; stopped and removed on exit."""
-    from iceaggr.pgstore import LocalPostgres
+    from iceaggr.tracking.pgstore import LocalPostgres
 
     # Short (a Unix socket path) and directly under /tmp (run as root, the postgres account
     # must reach it).

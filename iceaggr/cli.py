@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from iceaggr.synth import write_synthetic_dataset
+    from iceaggr.data.synth import write_synthetic_dataset
 
     path = write_synthetic_dataset(
         args.out, n_events=args.events, batch_size=args.batch_size, seed=args.seed
@@ -34,8 +34,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from iceaggr.config import load_config
-    from iceaggr.train import train, write_result
+    from iceaggr.training.config import load_config
+    from iceaggr.training.train import train, write_result
 
     cfg = load_config(args.config, args.set)
     result = train(cfg, resume_from=args.resume)
@@ -63,8 +63,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from iceaggr import probe, stability_table
-    from iceaggr.config import load_config
+    from iceaggr.training import probe, stability_table
+    from iceaggr.training.config import load_config
 
     overrides = [*args.set, f"data.path={args.data}"]
     cfg = load_config(args.config, overrides)
@@ -95,7 +95,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _linefit(args: argparse.Namespace) -> int:
-    from iceaggr.linefit import line_fit_dataset
+    from iceaggr.data.linefit import line_fit_dataset
 
     res = line_fit_dataset(args.data, max_events=args.max_events)
     print(json.dumps(res, indent=2, default=float))
@@ -104,7 +104,7 @@ def _linefit(args: argparse.Namespace) -> int:
 
 def mlflow_server_command(args: argparse.Namespace) -> list[str]:
     """The ``mlflow server`` command line for ``iceaggr mlflow-server``."""
-    from iceaggr.tracking import absolute_tracking_uri
+    from iceaggr.tracking.run_logger import absolute_tracking_uri
 
     store = absolute_tracking_uri(args.backend_store_uri)
     if store.split("://", 1)[0].split("+", 1)[0] == "postgresql":
@@ -143,7 +143,7 @@ def _postgres_store(store: str) -> str:
     try:
         import psycopg2  # noqa: F401
     except ImportError as err:
-        from iceaggr.tracking import redact_uri
+        from iceaggr.tracking.run_logger import redact_uri
 
         raise SystemExit(
             f"--backend-store-uri {redact_uri(store)} needs the psycopg2 driver: "
@@ -161,7 +161,7 @@ def _workers(value: str) -> str:
 
 
 def _mlflow_server(args: argparse.Namespace) -> int:
-    from iceaggr.tracking import LOOPBACK_HOSTS
+    from iceaggr.tracking.run_logger import LOOPBACK_HOSTS
 
     if args.host not in LOOPBACK_HOSTS:
         log.warning(
@@ -185,7 +185,7 @@ def _mlflow_server(args: argparse.Namespace) -> int:
 
 
 def _postgres(args: argparse.Namespace) -> int:
-    from iceaggr.pgstore import LocalPostgres, PostgresError
+    from iceaggr.tracking.pgstore import LocalPostgres, PostgresError
 
     try:
         pg = LocalPostgres(args.dir, port=args.port)
@@ -200,7 +200,7 @@ def _postgres(args: argparse.Namespace) -> int:
 
 
 def _mlflow_sync(args: argparse.Namespace) -> int:
-    from iceaggr.tracking import redact_uri, sync_spool
+    from iceaggr.tracking.run_logger import redact_uri, sync_spool
 
     sent = sync_spool(args.spool_dir, args.tracking_uri, wait_s=args.wait)
     for run_id, n in sent.items():
@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    from iceaggr.config import ConfigError
-    from iceaggr.dataset import DatasetError
+    from iceaggr.data.dataset import DatasetError
+    from iceaggr.training.config import ConfigError
 
     try:
         return args.fn(args)

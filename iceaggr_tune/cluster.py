@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from iceaggr.remote import filesystem_for
-from iceaggr.tracking import LOOPBACK_HOSTS
+from iceaggr.data.remote import filesystem_for
+from iceaggr.tracking.run_logger import LOOPBACK_HOSTS
 
 log = logging.getLogger(__name__)
 

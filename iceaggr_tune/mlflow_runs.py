@@ -14,7 +14,12 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
-from iceaggr.tracking import DEFAULT_WAIT_S, TAG_PARENT, PatientClient, get_or_create_experiment
+from iceaggr.tracking.run_logger import (
+    DEFAULT_WAIT_S,
+    TAG_PARENT,
+    PatientClient,
+    get_or_create_experiment,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from iceaggr.probe import COLUMNS, Cell
-from iceaggr.stability_table import learning, lr_label, reproduction, reproduction_score
-from iceaggr.tracking import TAG_DIVERGED, TAG_DIVERGED_AT_STEP
+from iceaggr.tracking.run_logger import TAG_DIVERGED, TAG_DIVERGED_AT_STEP
+from iceaggr.training.probe import COLUMNS, Cell
+from iceaggr.training.stability_table import learning, lr_label, reproduction, reproduction_score
 from iceaggr_tune.mlflow_runs import TAG_SWEEP_PART
 
 STATUS_COLOUR = {

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from iceaggr.collapse import COLLAPSE_RESULTANT
+from iceaggr.training.collapse import COLLAPSE_RESULTANT
 from iceaggr_tune.trial import DIVERGED_PENALTY, METRIC
 
 RANDOM_GUESS_RAD = math.pi / 2
@@ -69,7 +69,7 @@ def search_rows(results: Any) -> list[dict[str, Any]]:
 def reference_errors(data: str | Path, val_batch_ids: list[int], events: int) -> dict[str, float]:
     """The line fit's and random guessing's mean angular error (rad) on the first ``events``
     events of the validation files (the trials' validation events)."""
-    from iceaggr.linefit import line_fit_dataset
+    from iceaggr.data.linefit import line_fit_dataset
 
     fit = line_fit_dataset(data, max_events=events, batch_ids=val_batch_ids)
     return {"line fit": fit["mean_angular_error"], "random": RANDOM_GUESS_RAD}

@@ -40,7 +40,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iceaggr.config import (
+from iceaggr.data.remote import is_uri
+from iceaggr.tracking.run_logger import (
+    RunLogger,
+    absolute_tracking_uri,
+    flatten,
+    redact_params,
+    redact_uri,
+    sync_spool,
+)
+from iceaggr.training.config import (
     ExperimentConfig,
     apply_overrides,
     baseline_config,
@@ -49,17 +58,8 @@ from iceaggr.config import (
     load_config,
     to_dict,
 )
-from iceaggr.probe import CELL_METRIC, COLUMNS, Cell, Column
-from iceaggr.remote import is_uri
-from iceaggr.stability_table import write_table
-from iceaggr.tracking import (
-    RunLogger,
-    absolute_tracking_uri,
-    flatten,
-    redact_params,
-    redact_uri,
-    sync_spool,
-)
+from iceaggr.training.probe import CELL_METRIC, COLUMNS, Cell, Column
+from iceaggr.training.stability_table import write_table
 from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, ray_storage, remote_path
 from iceaggr_tune.early_stop import create_board, rung_reports
 from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
@@ -151,15 +151,15 @@ def ensure_data(data: DataOptions) -> Path | str:
     file's footer, columns and row count) before anything starts on Ray, so a cut-off or
     mismatched file stops the sweep at once with its name instead of failing every trial.
     An ``s3://`` dataset is checked where it is (footers by ranged reads), never made."""
-    from iceaggr.cache import FileCache
-    from iceaggr.dataset import KaggleDataset
+    from iceaggr.data.cache import FileCache
+    from iceaggr.data.dataset import KaggleDataset
 
     if is_uri(data.path):
         KaggleDataset(data.path, cache=FileCache(data.cache_dir, data.cache_gb)).preflight()
         return data.path
     path = Path(data.path)
     if not (path / "train_meta.parquet").exists():
-        from iceaggr.synth import write_synthetic_dataset
+        from iceaggr.data.synth import write_synthetic_dataset
 
         log.info("making %d synthetic events in %s (first use)", data.events, path)
         write_synthetic_dataset(
@@ -784,7 +784,7 @@ def _search_part(run: _Run) -> None:
 def _record_search_landscape(run: _Run, results: Any) -> None:
     """The search's rows, the line fit and random on the same validation events, as
     ``search_trials.json`` and ``search_landscape.png`` (sweep folder and parent run)."""
-    from iceaggr.dataset import split_batch_ids
+    from iceaggr.data.dataset import split_batch_ids
     from iceaggr_tune.summary import reference_errors, search_rows
 
     result = run.result

@@ -37,12 +37,12 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from iceaggr.collapse import CollapseStats
-from iceaggr.config import ExperimentConfig, from_dict, to_dict
-from iceaggr.hooks import Hook
-from iceaggr.probe import Column, cell_from_result, probe_config
-from iceaggr.tracking import TAG_DIVERGED, MlflowHook, RunLogger
-from iceaggr.train import CHECKPOINT_NAME, DivergenceReport, train
+from iceaggr.tracking.run_logger import TAG_DIVERGED, MlflowHook, RunLogger
+from iceaggr.training.collapse import CollapseStats
+from iceaggr.training.config import ExperimentConfig, from_dict, to_dict
+from iceaggr.training.hooks import Hook
+from iceaggr.training.probe import Column, cell_from_result, probe_config
+from iceaggr.training.train import CHECKPOINT_NAME, DivergenceReport, train
 from iceaggr_tune import mlflow_runs
 from iceaggr_tune.early_stop import get_board
 from iceaggr_tune.options import ResourceOptions, TableOptions, TrackingOptions

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.synth import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_GEOMETRY = REPO.parent / "shared" / "reference" / "icecube86_sensor_geometry.csv"

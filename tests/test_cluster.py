@@ -168,7 +168,7 @@ def multinode(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster_data(tmp_path_factory) -> Path:
-    from iceaggr.synth import write_synthetic_dataset
+    from iceaggr.data.synth import write_synthetic_dataset
 
     path = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_dataset(path, n_events=1_500, batch_size=500, seed=5, progress=False)

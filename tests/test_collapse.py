@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from iceaggr.collapse import (
+from iceaggr.models.losses import angular_distance
+from iceaggr.training.collapse import (
     CollapseStats,
     best_constant,
     collapse_stats,
@@ -15,7 +16,6 @@ from iceaggr.collapse import (
     resultant_length,
     unit,
 )
-from iceaggr.losses import angular_distance
 
 
 def _random_unit(n: int, seed: int) -> torch.Tensor:

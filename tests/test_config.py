@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from iceaggr.config import (
+from iceaggr.models.model import ModelConfig
+from iceaggr.training.config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
@@ -23,7 +24,6 @@ from iceaggr.config import (
     load_config,
     to_dict,
 )
-from iceaggr.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_DIR = REPO / "experiments" / "baseline_1m"

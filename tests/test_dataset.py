@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REFERENCE_GEOMETRY
 
-from iceaggr.dataset import (
+from iceaggr.data.dataset import (
     GEOMETRY_FILE,
     META_FILE,
     DatasetError,
@@ -28,7 +28,7 @@ from iceaggr.dataset import (
     read_geometry,
     split_batch_ids,
 )
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.synth import write_synthetic_dataset
 
 N_EVENTS = 900
 FILE_EVENTS = 300  # -> batch_1, batch_2, batch_3

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import REFERENCE_GEOMETRY
 
-from iceaggr.geometry import (
+from iceaggr.data.geometry import (
     DOMS_PER_STRING,
     NUM_SENSORS,
     NUM_STANDARD_STRINGS,

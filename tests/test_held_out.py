@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iceaggr.config import debug_config
-from iceaggr.held_out import HeldOutCache, HeldOutMismatch, state_hash
-from iceaggr.probe import probe_config
-from iceaggr.train import TrainResult, train
+from iceaggr.training.config import debug_config
+from iceaggr.training.held_out import HeldOutCache, HeldOutMismatch, state_hash
+from iceaggr.training.probe import probe_config
+from iceaggr.training.train import TrainResult, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from iceaggr.linefit import line_fit_dataset
+from iceaggr.data.linefit import line_fit_dataset
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
 

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iceaggr.linefit import (
+from iceaggr.data.linefit import (
     FALLBACK_DIRECTION,
     angular_error,
     line_fit,
     line_fit_dataset,
     select_hits,
 )
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.synth import write_synthetic_dataset
 
 C_M_PER_NS = 0.299792458
 

@@ -23,11 +23,11 @@ import pandas as pd
 import pytest
 import torch
 
-from iceaggr.batch import DomBatch
-from iceaggr.dataset import DatasetError, KaggleDataset
-from iceaggr.geometry import make_geometry
-from iceaggr.loader import EventLoader, LoaderStats, Truncation, assemble_batch, concat_batches
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.batch import DomBatch
+from iceaggr.data.dataset import DatasetError, KaggleDataset
+from iceaggr.data.geometry import make_geometry
+from iceaggr.data.loader import EventLoader, LoaderStats, Truncation, assemble_batch, concat_batches
+from iceaggr.data.synth import write_synthetic_dataset
 
 N_EVENTS = 1_800
 FILE_EVENTS = 300  # -> 6 batch files

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from iceaggr.losses import (
+from iceaggr.models.losses import (
     angles_to_vector,
     angular_distance,
     angular_distance_loss,

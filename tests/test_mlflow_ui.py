@@ -104,7 +104,7 @@ def smoke_sweep(mlflow_server, ray_local, tmp_path_factory) -> SweepInUI:
     """One smoke sweep recorded by the server: 4 table trials (2 diverge) and 2 search trials."""
     from mlflow import MlflowClient
 
-    from iceaggr.synth import write_synthetic_dataset
+    from iceaggr.data.synth import write_synthetic_dataset
     from iceaggr_tune.mlflow_runs import format_links
     from iceaggr_tune.sweep import SweepOptions, run_sweep
 

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from iceaggr.batch import DomBatch
-from iceaggr.losses import angular_distance
-from iceaggr.model import (
+from iceaggr.data.batch import DomBatch
+from iceaggr.models.losses import angular_distance
+from iceaggr.models.model import (
     IceAggrModel,
     ModelConfig,
     SeqLayout,

@@ -17,14 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-from iceaggr.batch import DomBatch
-from iceaggr.config import ConfigError, load_config
-from iceaggr.dataset import KaggleDataset
-from iceaggr.loader import EventLoader
-from iceaggr.losses import angular_distance
-from iceaggr.model import IceAggrModel, ModelConfig, SeqLayout, build_model, param_groups
-from iceaggr.original import CONSTANT_KAPPA, OriginalModel, PostLNLayer, PreLNLayer
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.batch import DomBatch
+from iceaggr.data.dataset import KaggleDataset
+from iceaggr.data.loader import EventLoader
+from iceaggr.data.synth import write_synthetic_dataset
+from iceaggr.models.losses import angular_distance
+from iceaggr.models.model import IceAggrModel, ModelConfig, SeqLayout, build_model, param_groups
+from iceaggr.models.original import CONSTANT_KAPPA, OriginalModel, PostLNLayer, PreLNLayer
+from iceaggr.training.config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from iceaggr.cli import main
-from iceaggr.config import ExperimentConfig, debug_config, to_dict
-from iceaggr.probe import (
+from iceaggr.training.config import ExperimentConfig, debug_config, to_dict
+from iceaggr.training.probe import (
     CELL_METRIC,
     COLUMNS,
     PROBE_EVAL_EVENTS,
@@ -30,7 +30,7 @@ from iceaggr.probe import (
     probe_config,
     run_probe,
 )
-from iceaggr.stability_table import (
+from iceaggr.training.stability_table import (
     LEARNING_TITLE,
     REPRODUCTION_TITLE,
     column_of,
@@ -38,7 +38,7 @@ from iceaggr.stability_table import (
     format_table,
     write_table,
 )
-from iceaggr.train import TrainResult
+from iceaggr.training.train import TrainResult
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -23,10 +23,10 @@ import pandas as pd
 import pytest
 from conftest import S3Server
 
-from iceaggr.cache import FileCache
-from iceaggr.dataset import META_FILE, DatasetError, KaggleDataset
-from iceaggr.remote import UriPath, is_uri, s3_filesystem
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.cache import FileCache
+from iceaggr.data.dataset import META_FILE, DatasetError, KaggleDataset
+from iceaggr.data.remote import UriPath, is_uri, s3_filesystem
+from iceaggr.data.synth import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from iceaggr.probe import PROBE_LRS, Cell
-from iceaggr.stability_table import (
+from iceaggr.training.probe import PROBE_LRS, Cell
+from iceaggr.training.stability_table import (
     PUBLISHED,
     format_learning,
     format_reproduction,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from iceaggr.dataset import KaggleDataset, split_batch_ids
-from iceaggr.linefit import line_fit_dataset
+from iceaggr.data.dataset import KaggleDataset, split_batch_ids
+from iceaggr.data.linefit import line_fit_dataset
 from iceaggr_tune.summary import RANDOM_GUESS_RAD, format_search_table, reference_errors
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import lr_sweep_command, sweep_tracking_uri
 from mlflow.tracking import MlflowClient
 
-from iceaggr.synth import write_synthetic_dataset
+from iceaggr.data.synth import write_synthetic_dataset
 from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
 from iceaggr_tune.sweep import (
     OPTUNA_STUDY,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from iceaggr.config import ConfigError, baseline_config, debug_config, to_dict
-from iceaggr.probe import Cell, Column, probe_config
+from iceaggr.training.config import ConfigError, baseline_config, debug_config, to_dict
+from iceaggr.training.probe import Cell, Column, probe_config
 from iceaggr_tune.options import EarlyStopOptions, SearchOptions, TableOptions
 from iceaggr_tune.sweep import (
     SWEEP_STATE,

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iceaggr import synth
-from iceaggr.geometry import NUM_SENSORS, make_geometry
+from iceaggr.data import synth
+from iceaggr.data.geometry import NUM_SENSORS, make_geometry
 
 N_EVENTS = 1_500
 BATCH_SIZE = 600  # -> batch files of 600, 600 and 300 events

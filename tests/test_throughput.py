@@ -17,8 +17,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from iceaggr.loader import Truncation
-from iceaggr.model import baseline_model_config
+from iceaggr.data.loader import Truncation
+from iceaggr.models.model import baseline_model_config
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 

@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from iceaggr.cli import main as iceaggr_main
-from iceaggr.tracking import (
+from iceaggr.tracking.run_logger import (
     MlflowUnreachable,
     PatientClient,
     RunLogger,
@@ -248,7 +248,7 @@ def test_params_never_carry_credentials() -> None:
 _OPEN_STORE = """
 import sys, time
 from pathlib import Path
-from iceaggr.tracking import PatientClient
+from iceaggr.tracking.run_logger import PatientClient
 go = Path(sys.argv[2])
 Path(f"{go}.{sys.argv[3]}.ready").touch()
 while not go.exists():

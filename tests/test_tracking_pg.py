@@ -36,7 +36,7 @@ def _benchmark() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def load() -> ModuleType:
-    from iceaggr.pgstore import PostgresError, find_bin_dir
+    from iceaggr.tracking.pgstore import PostgresError, find_bin_dir
 
     try:
         find_bin_dir()

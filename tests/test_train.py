@@ -24,16 +24,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from iceaggr.batch import DomBatch
-from iceaggr.config import ExperimentConfig, debug_config, to_dict
-from iceaggr.dataset import KaggleDataset, split_batch_ids
-from iceaggr.hooks import Hook
-from iceaggr.loader import EventLoader
-from iceaggr.losses import angular_distance
-from iceaggr.model import IceAggrModel
-from iceaggr.normalization import TIME_OFFSET_NS, TIME_SCALE_NS, XYZ_SCALE_M
-from iceaggr.tracking import TAG_RESUMED_FROM_STEP, MlflowHook
-from iceaggr.train import (
+from iceaggr.data.batch import DomBatch
+from iceaggr.data.dataset import KaggleDataset, split_batch_ids
+from iceaggr.data.loader import EventLoader
+from iceaggr.models.losses import angular_distance
+from iceaggr.models.model import IceAggrModel
+from iceaggr.models.normalization import TIME_OFFSET_NS, TIME_SCALE_NS, XYZ_SCALE_M
+from iceaggr.tracking.run_logger import TAG_RESUMED_FROM_STEP, MlflowHook
+from iceaggr.training.config import ExperimentConfig, debug_config, to_dict
+from iceaggr.training.hooks import Hook
+from iceaggr.training.train import (
     CHECKPOINT_NAME,
     DivergenceGuard,
     DivergenceReport,
@@ -414,7 +414,7 @@ def test_input_audit_warns_about_raw_features(
     small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     kw: dict[str, Any] = dict(max_steps=1, eval_every=0, checkpoint_every=0)
-    caplog.set_level(logging.WARNING, logger="iceaggr.train")
+    caplog.set_level(logging.WARNING, logger="iceaggr.training.train")
     raw = train(make_cfg(small_dataset, tmp_path / "raw", normalize=False, **kw), progress=False)
     raw_warnings = [r.getMessage() for r in caplog.records if "INPUT AUDIT" in r.getMessage()]
     caplog.clear()
@@ -704,7 +704,7 @@ def test_bad_training_file_stops_the_run_with_a_clear_error(
     small_dataset: Path, tmp_path: Path, fault: str, expected: tuple[str, ...]
 ) -> None:
     """NaN in the input or a cut-off file: a DatasetError naming it, never a NaN loss."""
-    from iceaggr.dataset import DatasetError
+    from iceaggr.data.dataset import DatasetError
 
     data = Path(shutil.copytree(small_dataset, tmp_path / "data"))
     path = data / "train" / "batch_1.parquet"

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Any, argparse.Namespace]:
 
 
 def print_result(opts: Any, result: Any) -> None:
-    from iceaggr.tracking import redact_uri
+    from iceaggr.tracking.run_logger import redact_uri
 
     print()
     if result.table_markdown is not None:
@@ -124,9 +124,9 @@ def write_json(path: str, result: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from iceaggr.config import ConfigError
-    from iceaggr.dataset import DatasetError
+    from iceaggr.data.dataset import DatasetError
     from iceaggr.logs import setup_logging
+    from iceaggr.training.config import ConfigError
     from iceaggr_tune.cluster import ClusterConfigError
     from iceaggr_tune.sweep import SweepError, run_sweep
 

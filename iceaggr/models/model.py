@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iceaggr.batch import PULSE_FEATURES, DomBatch
-from iceaggr.normalization import NUM_SUMMARY_FEATURES, SUMMARY_TRANSFORMS, InputNormalizer
+from iceaggr.data.batch import PULSE_FEATURES, DomBatch
+from iceaggr.models.normalization import NUM_SUMMARY_FEATURES, SUMMARY_TRANSFORMS, InputNormalizer
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     ``input_features(batch)`` and ``num_parameters()``.
     """
     if cfg.arch == "original":
-        from iceaggr.original import OriginalModel  # imports this module: import here, not above
+        from iceaggr.models.original import (
+            OriginalModel,  # imports this module: import here, not above
+        )
 
         return OriginalModel(cfg)
     return IceAggrModel(cfg)

@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from iceaggr.collapse import learned
-from iceaggr.config import ExperimentConfig
-from iceaggr.train import TrainResult, train
+from iceaggr.training.collapse import learned
+from iceaggr.training.config import ExperimentConfig
+from iceaggr.training.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iceaggr.cache import FileCache
-from iceaggr.remote import DataPath, UriPath, data_path
+from iceaggr.data.cache import FileCache
+from iceaggr.data.remote import DataPath, UriPath, data_path
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from iceaggr.remote import UriPath
+from iceaggr.data.remote import UriPath
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ it did on the real data.
 
 Usage::
 
-    from iceaggr.synth import write_synthetic_dataset
+    from iceaggr.data.synth import write_synthetic_dataset
     write_synthetic_dataset("data/synthetic", n_events=50_000)   # or: iceaggr synth --out ...
 
     rng = np.random.default_rng(0)                               # one chunk in memory (tests)
@@ -125,7 +125,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from iceaggr.geometry import DOMS_PER_STRING, NUM_STANDARD_STRINGS, make_geometry
+from iceaggr.data.geometry import DOMS_PER_STRING, NUM_STANDARD_STRINGS, make_geometry
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from iceaggr.losses import angular_distance
+from iceaggr.models.losses import angular_distance
 
 COLLAPSE_RESULTANT = 0.9
 """R at or above which a model's predictions count as collapsed onto one direction.

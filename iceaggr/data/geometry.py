@@ -17,7 +17,7 @@ and ``sensor_id = (string - 1) * 60 + (dom - 1)`` as in the Kaggle ``sensor_geom
 
 Usage::
 
-    from iceaggr.geometry import make_geometry
+    from iceaggr.data.geometry import make_geometry
     geo = make_geometry()        # DataFrame: sensor_id, x, y, z (5160 rows)
 """
 

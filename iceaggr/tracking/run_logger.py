@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iceaggr.hooks import Hook
+from iceaggr.training.hooks import Hook
 
 if TYPE_CHECKING:
-    from iceaggr.config import ExperimentConfig
-    from iceaggr.train import DivergenceReport, Trainer, TrainResult
+    from iceaggr.training.config import ExperimentConfig
+    from iceaggr.training.train import DivergenceReport, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -630,7 +630,7 @@ class MlflowHook(Hook):
         )
 
     def on_start(self, trainer: Trainer) -> None:
-        from iceaggr.config import to_dict
+        from iceaggr.training.config import to_dict
 
         self.trainer = trainer
         self.logger = RunLogger(

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iceaggr.batch import DomBatch
-from iceaggr.model import ModelConfig, ModelOutput, SeqLayout
-from iceaggr.normalization import (
+from iceaggr.data.batch import DomBatch
+from iceaggr.models.model import ModelConfig, ModelOutput, SeqLayout
+from iceaggr.models.normalization import (
     CHARGE_LOG10_SCALE,
     GEOMETRY_TRANSFORMS,
     FeatureTransform,

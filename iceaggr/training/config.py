@@ -23,13 +23,13 @@ from typing import Any, Literal
 
 import yaml
 
-from iceaggr.cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_GB, FileCache
-from iceaggr.collapse import COLLAPSE_RESULTANT
-from iceaggr.dataset import KaggleDataset
-from iceaggr.loader import Truncation
-from iceaggr.losses import LossKind
-from iceaggr.model import ModelConfig, baseline_model_config, debug_model_config
-from iceaggr.tracking import DEFAULT_WAIT_S
+from iceaggr.data.cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_GB, FileCache
+from iceaggr.data.dataset import KaggleDataset
+from iceaggr.data.loader import Truncation
+from iceaggr.models.losses import LossKind
+from iceaggr.models.model import ModelConfig, baseline_model_config, debug_model_config
+from iceaggr.tracking.run_logger import DEFAULT_WAIT_S
+from iceaggr.training.collapse import COLLAPSE_RESULTANT
 
 
 class ConfigError(ValueError):
@@ -75,7 +75,7 @@ class DataConfig:
 
     def open(self) -> KaggleDataset:
         """The dataset at :attr:`path`; an ``s3://`` one cached in :attr:`cache_dir`."""
-        from iceaggr.remote import is_uri
+        from iceaggr.data.remote import is_uri
 
         cache = FileCache(self.cache_dir, self.cache_gb) if is_uri(self.path) else None
         return KaggleDataset(self.path, cache=cache)

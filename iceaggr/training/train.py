@@ -42,16 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from iceaggr.batch import DomBatch
-from iceaggr.collapse import CollapseStats, best_constant, collapse_stats
-from iceaggr.config import ExperimentConfig, to_dict
-from iceaggr.dataset import KaggleDataset, split_batch_ids
-from iceaggr.held_out import HeldOutCache, score_key, state_hash
-from iceaggr.hooks import CallbackHook, Hook, ProgressHook, ReportFn
-from iceaggr.loader import EventLoader
-from iceaggr.losses import angular_distance, training_loss, vmf_nll
-from iceaggr.model import build_model, param_groups
-from iceaggr.tracking import MlflowHook
+from iceaggr.data.batch import DomBatch
+from iceaggr.data.dataset import KaggleDataset, split_batch_ids
+from iceaggr.data.loader import EventLoader
+from iceaggr.models.losses import angular_distance, training_loss, vmf_nll
+from iceaggr.models.model import build_model, param_groups
+from iceaggr.tracking.run_logger import MlflowHook
+from iceaggr.training.collapse import CollapseStats, best_constant, collapse_stats
+from iceaggr.training.config import ExperimentConfig, to_dict
+from iceaggr.training.held_out import HeldOutCache, score_key, state_hash
+from iceaggr.training.hooks import CallbackHook, Hook, ProgressHook, ReportFn
 
 log = logging.getLogger(__name__)
 

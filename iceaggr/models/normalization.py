@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from iceaggr.batch import PULSE_FEATURES, DomBatch
+from iceaggr.data.batch import PULSE_FEATURES, DomBatch
 
 logger = logging.getLogger(__name__)
 

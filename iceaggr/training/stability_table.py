@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from iceaggr.collapse import COLLAPSE_RESULTANT, LEARNED_Z
-from iceaggr.probe import COLUMNS, STATUS_ORDER, SYMBOL, Cell, Column, Status
+from iceaggr.training.collapse import COLLAPSE_RESULTANT, LEARNED_Z
+from iceaggr.training.probe import COLUMNS, STATUS_ORDER, SYMBOL, Cell, Column, Status
 
 PUBLISHED_SOURCE = (
     "the original project's learning-rate probe (its notes; DESIGN.md section 1): the original "

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from iceaggr.batch import DomBatch
-from iceaggr.dataset import BatchFile, KaggleDataset
+from iceaggr.data.batch import DomBatch
+from iceaggr.data.dataset import BatchFile, KaggleDataset
 
 log = logging.getLogger(__name__)
 
