@@ -113,7 +113,7 @@ def throughput_ours(plan: Plan, tmp: Path) -> dict[str, Any]:
 def throughput_original(plan: Plan) -> list[dict[str, Any]]:
     """The original network's training events/s (fp32, bf16) on the throughput batches."""
     from benchmarks.throughput import synthetic_batches, time_training
-    from iceaggr.models.model import build_model
+    from iceaggr.models.builder import build_model
     from iceaggr.training.config import load_config
 
     cfg = load_config(ORIGINAL_CONFIG)

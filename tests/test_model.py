@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from iceaggr.data.batch import DomBatch
+from iceaggr.models.builder import param_groups
 from iceaggr.models.losses import angular_distance
 from iceaggr.models.model import (
     IceAggrModel,
@@ -16,7 +17,6 @@ from iceaggr.models.model import (
     SeqLayout,
     baseline_model_config,
     debug_model_config,
-    param_groups,
 )
 
 # DOM lengths (pulses per DOM) per event: single-pulse DOMs dominate, one long DOM, a one-DOM event.

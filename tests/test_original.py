@@ -21,8 +21,9 @@ from iceaggr.data.batch import DomBatch
 from iceaggr.data.dataset import KaggleDataset
 from iceaggr.data.loader import EventLoader
 from iceaggr.data.synth import write_synthetic_dataset
+from iceaggr.models.builder import build_model, param_groups
 from iceaggr.models.losses import angular_distance
-from iceaggr.models.model import IceAggrModel, ModelConfig, SeqLayout, build_model, param_groups
+from iceaggr.models.model import IceAggrModel, ModelConfig, SeqLayout
 from iceaggr.models.original import CONSTANT_KAPPA, OriginalModel, PostLNLayer, PreLNLayer
 from iceaggr.training.config import ConfigError, load_config
 

@@ -16,7 +16,7 @@ reference with the same parameters: every sequence padded to the batch maximum, 
 on the padded tensor. There are no positional encodings (time is a feature), so the model is
 invariant to the order of pulses within a DOM and of DOMs within an event.
 
-Usage::
+Usage (``build_model`` and ``param_groups`` are in :mod:`iceaggr.models.builder`)::
 
     model = build_model(baseline_model_config())   # IceAggrModel; arch="original": OriginalModel
     out = model(batch)                # out.direction (B, 3), out.kappa (B,)
@@ -54,7 +54,8 @@ assert len(MOMENT_COLUMNS) == 3
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Architecture of the network :func:`build_model` makes (``arch``) and its sizes."""
+    """Architecture of the network :func:`~iceaggr.models.builder.build_model` makes (``arch``)
+    and its sizes."""
 
     arch: Literal["iceaggr", "original"] = "iceaggr"
     """"iceaggr": :class:`IceAggrModel`, this project's pre-LN hierarchical transformer with DOM
@@ -397,27 +398,3 @@ class IceAggrModel(nn.Module):
 
     def forward(self, batch: DomBatch) -> ModelOutput:
         return self.forward_head(self.forward_features(batch))
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The network ``cfg.arch`` names: :class:`IceAggrModel` or the original project's network.
-
-    Both take a :class:`DomBatch` and return a :class:`ModelOutput`, and expose
-    ``input_features(batch)`` and ``num_parameters()``.
-    """
-    if cfg.arch == "original":
-        from iceaggr.models.original import (
-            OriginalModel,  # imports this module: import here, not above
-        )
-
-        return OriginalModel(cfg)
-    return IceAggrModel(cfg)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
-    """AdamW groups: matrices (dim >= 2) decay; biases and LayerNorm gains (dim < 2) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]

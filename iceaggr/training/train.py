@@ -45,8 +45,8 @@ from torch import nn
 from iceaggr.data.batch import DomBatch
 from iceaggr.data.dataset import KaggleDataset, split_batch_ids
 from iceaggr.data.loader import EventLoader
+from iceaggr.models.builder import build_model, param_groups
 from iceaggr.models.losses import angular_distance, training_loss, vmf_nll
-from iceaggr.models.model import build_model, param_groups
 from iceaggr.tracking.run_logger import MlflowHook
 from iceaggr.training.collapse import CollapseStats, best_constant, collapse_stats
 from iceaggr.training.config import ExperimentConfig, to_dict
