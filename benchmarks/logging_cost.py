@@ -46,8 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tracking_load import free_port, mlflow_server
 
-from iceaggr.tracking.run_logger import MlflowHook
 from iceaggr.training.hooks import Hook
+from iceaggr.training.mlflow_hook import MlflowHook
 
 log = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ def _linefit(args: argparse.Namespace) -> int:
 
 def mlflow_server_command(args: argparse.Namespace) -> list[str]:
     """The ``mlflow server`` command line for ``iceaggr mlflow-server``."""
-    from iceaggr.tracking.run_logger import absolute_tracking_uri
+    from iceaggr.tracking.client import absolute_tracking_uri
 
     store = absolute_tracking_uri(args.backend_store_uri)
     if store.split("://", 1)[0].split("+", 1)[0] == "postgresql":
@@ -143,7 +143,7 @@ def _postgres_store(store: str) -> str:
     try:
         import psycopg2  # noqa: F401
     except ImportError as err:
-        from iceaggr.tracking.run_logger import redact_uri
+        from iceaggr.tracking.client import redact_uri
 
         raise SystemExit(
             f"--backend-store-uri {redact_uri(store)} needs the psycopg2 driver: "
@@ -161,7 +161,7 @@ def _workers(value: str) -> str:
 
 
 def _mlflow_server(args: argparse.Namespace) -> int:
-    from iceaggr.tracking.run_logger import LOOPBACK_HOSTS
+    from iceaggr.tracking.client import LOOPBACK_HOSTS
 
     if args.host not in LOOPBACK_HOSTS:
         log.warning(
@@ -200,7 +200,8 @@ def _postgres(args: argparse.Namespace) -> int:
 
 
 def _mlflow_sync(args: argparse.Namespace) -> int:
-    from iceaggr.tracking.run_logger import redact_uri, sync_spool
+    from iceaggr.tracking.client import redact_uri
+    from iceaggr.tracking.run_logger import sync_spool
 
     sent = sync_spool(args.spool_dir, args.tracking_uri, wait_s=args.wait)
     for run_id, n in sent.items():

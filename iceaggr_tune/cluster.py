@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from iceaggr.data.remote import filesystem_for
-from iceaggr.tracking.run_logger import LOOPBACK_HOSTS
+from iceaggr.tracking.client import LOOPBACK_HOSTS
 
 log = logging.getLogger(__name__)
 

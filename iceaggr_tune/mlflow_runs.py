@@ -14,15 +14,12 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
-from iceaggr.tracking.run_logger import (
-    DEFAULT_WAIT_S,
-    TAG_PARENT,
-    PatientClient,
-    get_or_create_experiment,
-)
+from iceaggr.tracking.client import DEFAULT_WAIT_S, PatientClient, get_or_create_experiment
 
 log = logging.getLogger(__name__)
 
+TAG_PARENT = "mlflow.parentRunId"
+"""The tag that makes a run a child of another in MLflow (the UI nests it under its parent)."""
 TAG_TRIAL_ID = "trial_id"
 TAG_SWEEP_PART = "sweep_part"  # "table" or "search"
 TAG_SWEEP_NAME = "sweep_name"

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.request
 
-from iceaggr.tracking.run_logger import REMIND_EVERY_S, redact_uri
+from iceaggr.tracking.client import REMIND_EVERY_S, redact_uri
 
 log = logging.getLogger(__name__)
 

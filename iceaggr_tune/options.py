@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iceaggr.data.cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_GB
-from iceaggr.tracking.run_logger import DEFAULT_WAIT_S
+from iceaggr.tracking.client import DEFAULT_WAIT_S
 from iceaggr.training.probe import PROBE_BATCH_SIZE, PROBE_EVAL_EVENTS, PROBE_LRS, PROBE_STEPS
 from iceaggr_tune.cli_options import CLI, ENV, FLAG, METAVAR, OptionError, with_changes
 

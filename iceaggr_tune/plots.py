@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from iceaggr.tracking.run_logger import TAG_DIVERGED, TAG_DIVERGED_AT_STEP
+from iceaggr.training.mlflow_hook import TAG_DIVERGED, TAG_DIVERGED_AT_STEP
 from iceaggr.training.probe import COLUMNS, Cell
 from iceaggr.training.stability_table import learning, lr_label, reproduction, reproduction_score
 from iceaggr_tune.mlflow_runs import TAG_SWEEP_PART

@@ -41,14 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from iceaggr.data.remote import is_uri
-from iceaggr.tracking.run_logger import (
-    RunLogger,
-    absolute_tracking_uri,
-    flatten,
-    redact_params,
-    redact_uri,
-    sync_spool,
-)
+from iceaggr.tracking.client import absolute_tracking_uri, flatten, redact_params, redact_uri
+from iceaggr.tracking.run_logger import RunLogger, sync_spool
 from iceaggr.training.config import (
     ExperimentConfig,
     apply_overrides,

@@ -37,10 +37,11 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from iceaggr.tracking.run_logger import TAG_DIVERGED, MlflowHook, RunLogger
+from iceaggr.tracking.run_logger import RunLogger
 from iceaggr.training.collapse import CollapseStats
 from iceaggr.training.config import ExperimentConfig, from_dict, to_dict
 from iceaggr.training.hooks import Hook
+from iceaggr.training.mlflow_hook import TAG_DIVERGED, MlflowHook
 from iceaggr.training.probe import Column, cell_from_result, probe_config
 from iceaggr.training.train import CHECKPOINT_NAME, DivergenceReport, train
 from iceaggr_tune import mlflow_runs

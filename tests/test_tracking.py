@@ -20,13 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from iceaggr.cli import main as iceaggr_main
-from iceaggr.tracking.run_logger import (
-    MlflowUnreachable,
-    PatientClient,
-    RunLogger,
-    redact_params,
-    redact_uri,
-)
+from iceaggr.tracking.client import MlflowUnreachable, PatientClient, redact_params, redact_uri
+from iceaggr.tracking.run_logger import RunLogger
 
 if TYPE_CHECKING:
     from conftest import MlflowServer

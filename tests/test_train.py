@@ -30,9 +30,9 @@ from iceaggr.data.loader import EventLoader
 from iceaggr.models.losses import angular_distance
 from iceaggr.models.model import IceAggrModel
 from iceaggr.models.normalization import TIME_OFFSET_NS, TIME_SCALE_NS, XYZ_SCALE_M
-from iceaggr.tracking.run_logger import TAG_RESUMED_FROM_STEP, MlflowHook
 from iceaggr.training.config import ExperimentConfig, debug_config, to_dict
 from iceaggr.training.hooks import Hook
+from iceaggr.training.mlflow_hook import TAG_RESUMED_FROM_STEP, MlflowHook
 from iceaggr.training.train import (
     CHECKPOINT_NAME,
     DivergenceGuard,

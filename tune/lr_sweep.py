@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Any, argparse.Namespace]:
 
 
 def print_result(opts: Any, result: Any) -> None:
-    from iceaggr.tracking.run_logger import redact_uri
+    from iceaggr.tracking.client import redact_uri
 
     print()
     if result.table_markdown is not None:

@@ -1,24 +1,15 @@
-"""MLflow records for one training run, robust to a tracking server that goes away.
+"""The records of one MLflow run, kept in order through a tracking-server outage.
 
-Three pieces:
-
-* :class:`PatientClient` wraps ``MlflowClient``: a call that cannot reach the server
-  (connection refused, timeout, 5xx) is retried every few seconds, with a warning, until
-  the server answers or ``wait_s`` runs out. The sweep driver and the trial drivers use it,
-  so a restarted or briefly unreachable server delays bookkeeping instead of failing trials.
-* :class:`RunLogger` is what the trainer logs through. Params, tags and metrics go into an
-  ordered queue (and into a JSON-lines spool file when ``spool_dir`` is given). Without
-  ``background`` a send is tried in the caller at each record and, while the server is
-  down, at most every ``RETRY_MAX_S`` seconds; with ``background=True`` (the trainer's
-  :class:`MlflowHook`) a sender thread does the sending, so a slow or absent server costs a
-  training step nothing (``benchmarks/logging_cost.py`` measures it); the queue is then
-  bounded (``max_pending`` records: a full queue makes the caller wait). The queue is sent in
-  order once the server is back; :meth:`RunLogger.terminate` waits for it (up to
-  ``wait_s``). If the process dies first, the next logger on the same run and spool folder
-  (a restarted Ray Train worker) sends what the spool holds, or ``iceaggr mlflow-sync``
-  does.
-* :class:`MlflowHook` is the trainer's hook (:mod:`iceaggr.hooks`) that owns a run's
-  :class:`RunLogger`: params, input audit, metrics, divergence tags, the final status.
+:class:`RunLogger` is what the trainer logs through (:class:`~iceaggr.training.mlflow_hook.
+MlflowHook`). Params, tags and metrics go into an ordered queue (and into a JSON-lines spool file
+when ``spool_dir`` is given). Without ``background`` a send is tried in the caller at each record
+and, while the server is down, at most every ``RETRY_MAX_S`` seconds; with ``background=True`` a
+sender thread does the sending, so a slow or absent server costs a training step nothing
+(``benchmarks/logging_cost.py`` measures it); the queue is then bounded (``max_pending`` records:
+a full queue makes the caller wait). The queue is sent in order once the server is back;
+:meth:`RunLogger.terminate` waits for it (up to ``wait_s``). If the process dies first, the next
+logger on the same run and spool folder (a restarted Ray Train worker) sends what the spool
+holds, or ``iceaggr mlflow-sync`` does (:func:`sync_spool`).
 
 A run written before (a resumed or restarted trial) already holds its curve up to some
 step; the logger learns that step from the server at first contact and drops metrics at or
@@ -27,245 +18,39 @@ below it, so a metric history has neither gaps nor duplicated steps.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from iceaggr.training.hooks import Hook
-
-if TYPE_CHECKING:
-    from iceaggr.training.config import ExperimentConfig
-    from iceaggr.training.train import DivergenceReport, Trainer, TrainResult
+from iceaggr.tracking.client import (
+    DEFAULT_WAIT_S,
+    REMIND_EVERY_S,
+    MlflowUnreachable,
+    PatientClient,
+    flatten,
+    get_or_create_experiment,
+    is_unreachable,
+    redact_params,
+    redact_uri,
+    short_error,
+)
 
 log = logging.getLogger(__name__)
-
-# Tags that mark a diverged run (read by the sweep and by people in the MLflow UI).
-TAG_DIVERGED = "diverged"
-TAG_DIVERGED_AT_STEP = "diverged_at_step"
-TAG_DIVERGENCE_REASON = "divergence_reason"
-TAG_COLLAPSED = "collapsed"
-"""``true`` when the run's last validation had R >= ``train.collapse_resultant`` (one output
-direction for every event, :mod:`iceaggr.collapse`); ``val_resultant`` is the R itself."""
-TAG_PARENT = "mlflow.parentRunId"
-# The first step a resumed or restarted run trained (its curve continues from there).
-TAG_RESUMED_FROM_STEP = "resumed_from_step"
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-"""Host names that mean "this machine only" (a tracking server there is not reachable
-from other machines)."""
-SQLITE_PREFIX = "sqlite:///"
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
 # The metric every training report carries; its last step marks how far a run was logged.
 RESUME_MARKER_METRIC = "loss"
 
-DEFAULT_WAIT_S = 1800.0
-"""How long a blocking MLflow call waits for an unreachable server before it gives up."""
-RETRY_EVERY_S = 5.0
-"""Pause between attempts of a blocking call."""
 RETRY_MAX_S = 30.0
 """Longest pause between the non-blocking send attempts of a :class:`RunLogger`."""
-REMIND_EVERY_S = 300.0
-"""While the server stays down, a reminder is logged this often."""
 SPOOL_PREFIX = "mlflow-spool-"
 MAX_PENDING = 100_000
 """Unsent records a background :class:`RunLogger` holds before a new record waits for room
 (about 10,000 reports of 10 metrics: a long outage)."""
-CHECKPOINT_WAIT_S = 30.0
-"""At a checkpoint, how long :class:`MlflowHook` waits for the earlier reports to be sent
-while the server answers (none of it while the server is down)."""
-
-
-class MlflowUnreachable(RuntimeError):
-    """The tracking server did not answer within the allowed wait."""
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """``sqlite:///mlflow.db`` made absolute (Ray workers run in other folders)."""
-    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
-        return SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX) :]).resolve())
-    return uri
-
-
-@contextlib.contextmanager
-def _sqlite_store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on a local sqlite store's file while it is opened.
-
-    MLflow creates and migrates a new sqlite store on first open; two processes doing that
-    at once (the sweep driver, trial workers, a second sweep) fail half-way with errors such
-    as "table experiments already exists". SQLite's own locks are POSIX record locks, which
-    ``flock`` does not touch. An empty file is a valid empty database for SQLite.
-    """
-    if not uri.startswith(SQLITE_PREFIX) or ":memory:" in uri:
-        yield
-        return
-    path = Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def redact_uri(uri: str) -> str:
-    """A URI with its user and password (before ``@``) replaced by ``***`` (logs, params)."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return uri
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
-
-
-SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "api_key", "apikey")
-
-
-def redact_params(flat: dict[str, Any]) -> dict[str, Any]:
-    """Params safe to record: URI credentials and secret-looking keys replaced by ``***``."""
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        if any(w in k.lower() for w in SECRET_WORDS):
-            out[k] = "***"
-        elif isinstance(v, str):
-            out[k] = redact_uri(v)
-        else:
-            out[k] = v
-    return out
-
-
-def configure_mlflow_http() -> None:
-    """Short HTTP retries inside MLflow; the waiting is done here, with warnings.
-
-    MLflow's own default (7 retries, backoff factor 2) stalls one call for minutes while
-    the server is down. Values the user set in the environment are kept.
-    """
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-def is_unreachable(err: BaseException) -> bool:
-    """True for errors that mean "the server is not answering now" (worth a retry)."""
-    if isinstance(err, ConnectionError | TimeoutError):
-        return True
-    try:
-        import requests
-
-        if isinstance(err, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-            return True
-    except ImportError:  # pragma: no cover - mlflow depends on requests
-        pass
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(err, MlflowException):
-        msg = str(err)
-        # Connection-level failures, and 5xx answers of a server that is (re)starting.
-        return "failed with exception" in msg or "failed with error code 5" in msg
-    return False
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"d_model": 128}}`` -> ``{"model.d_model": 128}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-class PatientClient:
-    """An ``MlflowClient`` whose calls wait out a server outage (up to ``wait_s``)."""
-
-    def __init__(self, tracking_uri: str, wait_s: float = DEFAULT_WAIT_S) -> None:
-        from mlflow.tracking import MlflowClient
-
-        configure_mlflow_http()
-        self.tracking_uri = tracking_uri
-        self.wait_s = float(wait_s)
-        with _sqlite_store_lock(tracking_uri):
-            self.raw = MlflowClient(tracking_uri=tracking_uri)
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.raw, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self.call(name, attr, *args, **kwargs)
-
-        return call
-
-    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        start = time.monotonic()
-        last_warn = None
-        while True:
-            try:
-                out = fn(*args, **kwargs)
-            except Exception as err:
-                if not is_unreachable(err):
-                    raise
-                now = time.monotonic()
-                waited = now - start
-                if waited >= self.wait_s:
-                    raise MlflowUnreachable(
-                        f"MLflow at {redact_uri(self.tracking_uri)} did not answer {what} for "
-                        f"{waited:.0f} s ({type(err).__name__}: {str(err)[:300]}). Check that "
-                        f"the tracking server runs and is reachable from this node."
-                    ) from err
-                if last_warn is None or now - last_warn >= 60:
-                    log.warning(
-                        "MLflow at %s is unreachable (%s); %s waits for it, retrying every "
-                        "%.0f s for up to %.0f s more",
-                        redact_uri(self.tracking_uri),
-                        _short(err),
-                        what,
-                        RETRY_EVERY_S,
-                        self.wait_s - waited,
-                    )
-                    last_warn = now
-                time.sleep(min(RETRY_EVERY_S, max(0.0, self.wait_s - waited)))
-                continue
-            if last_warn is not None:
-                log.warning(
-                    "MLflow at %s answers again (%s went through after %.0f s)",
-                    redact_uri(self.tracking_uri),
-                    what,
-                    time.monotonic() - start,
-                )
-            return out
-
-
-def _short(err: BaseException) -> str:
-    msg = str(err)
-    if "Connection refused" in msg:
-        return "connection refused"
-    return f"{type(err).__name__}: {msg[:160]}"
-
-
-def get_or_create_experiment(client: Any, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception as err:  # created concurrently by another process
-        if is_unreachable(err):
-            raise
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
 
 
 class RunLogger:
@@ -491,7 +276,7 @@ class RunLogger:
                 "MLflow at %s is unreachable (%s); training goes on and %d records of run %s "
                 "are held%s until it is back",
                 redact_uri(self.tracking_uri),
-                _short(err),
+                short_error(err),
                 len(self._ops),
                 self.run_id,
                 f" (also in {self._spool})" if self._spool else "",
@@ -520,7 +305,7 @@ class RunLogger:
                 with self._send_lock:
                     self._flush_now(block=False)
             except Exception as err:  # not an outage: the caller's next blocking flush raises
-                log.error("MLflow run %s: the sender stops on %s", self.run_id, _short(err))
+                log.error("MLflow run %s: the sender stops on %s", self.run_id, short_error(err))
                 self._thread_error = err
                 break
 
@@ -576,109 +361,6 @@ class RunLogger:
             )
         self.close()
         self.client.set_terminated(self.run_id, status=status)
-
-
-class MlflowHook(Hook):
-    """Logs a training run to MLflow through a :class:`RunLogger` (rank 0 only).
-
-    At the start: the run (made now, or the given ``run_id``), its ``tags`` (plus
-    ``resumed_from_step`` for a resumed run), the config and world size as params and the
-    input audit's largest magnitudes. Every report's metrics; at a divergence its metrics and
-    the ``diverged`` tags. At the end a run this hook made is ended (FAILED when it diverged,
-    else FINISHED); a given run is only flushed, blocking, for its owner to end.
-
-    A background thread sends the records (``background``, the default): a report costs the
-    training step a spool write, not a round trip to the server. At a checkpoint the hook
-    waits until the earlier reports are on the server (usually long done; no wait while the
-    server is down), so a trial restarted from that checkpoint on another node finds its
-    curve up to there.
-    """
-
-    def __init__(
-        self,
-        tracking_uri: str,
-        *,
-        run_id: str | None = None,
-        tags: dict[str, str] | None = None,
-        experiment: str = "iceaggr",
-        spool_dir: str | Path | None = None,
-        wait_s: float = DEFAULT_WAIT_S,
-        background: bool = True,
-    ) -> None:
-        self.tracking_uri, self.run_id, self.tags = tracking_uri, run_id, dict(tags or {})
-        self.experiment, self.spool_dir, self.wait_s = experiment, spool_dir, wait_s
-        self.background = background
-        self.logger: RunLogger | None = None
-        self.trainer: Trainer | None = None
-
-    @classmethod
-    def for_config(
-        cls, cfg: ExperimentConfig, *, run_id: str | None = None, tags: dict[str, str] | None = None
-    ) -> MlflowHook:
-        """The hook for ``cfg.train``'s tracking URI, experiment, spool folder and wait."""
-        tc = cfg.train
-        if not tc.mlflow_tracking_uri:
-            raise ValueError("train.mlflow_tracking_uri is not set: there is no MLflow to log to")
-        spool = Path(tc.mlflow_spool_dir).expanduser() if tc.mlflow_spool_dir else None
-        return cls(
-            tc.mlflow_tracking_uri,
-            run_id=run_id,
-            tags=tags,
-            experiment=tc.mlflow_experiment,
-            spool_dir=spool,
-            wait_s=tc.mlflow_wait_s,
-        )
-
-    def on_start(self, trainer: Trainer) -> None:
-        from iceaggr.training.config import to_dict
-
-        self.trainer = trainer
-        self.logger = RunLogger(
-            self.tracking_uri,
-            run_id=self.run_id,
-            experiment=self.experiment,
-            run_name=trainer.cfg.name,
-            spool_dir=self.spool_dir if self.spool_dir is not None else trainer.checkpoint_dir,
-            wait_s=self.wait_s,
-            background=self.background,
-        )
-        tags = dict(self.tags)
-        if trainer.start_step > 0:  # a resumed run says from where (its curve continues there)
-            tags[TAG_RESUMED_FROM_STEP] = str(trainer.start_step)
-        if tags:
-            self.logger.set_tags(tags)
-        self.logger.log_params({**to_dict(trainer.cfg), "world_size": trainer.world_size})
-        audit = trainer.result.input_audit
-        self.logger.log_params(
-            {f"input_audit.{k}.absmax": f"{v['absmax']:.4g}" for k, v in audit.items()}
-        )
-
-    def on_report(self, metrics: dict[str, float], step: int, checkpoint_dir: Path | None) -> None:
-        assert self.logger is not None
-        if checkpoint_dir is not None:
-            self.logger.wait_sent(CHECKPOINT_WAIT_S)
-        self.logger.log_metrics(metrics, step)
-
-    def on_diverged(self, report: DivergenceReport, metrics: dict[str, float], step: int) -> None:
-        assert self.logger is not None
-        self.logger.log_metrics(metrics, step)
-        self.logger.set_tags(
-            {
-                TAG_DIVERGED: "true",
-                TAG_DIVERGED_AT_STEP: report.step,
-                TAG_DIVERGENCE_REASON: report.summary(),
-            }
-        )
-
-    def on_end(self, result: TrainResult) -> None:
-        assert self.logger is not None and self.trainer is not None
-        if result.val_collapse is not None and result.diverged is None:
-            self.logger.set_tags({TAG_COLLAPSED: "true" if result.collapsed else "false"})
-        if self.run_id is None:  # a run this hook made; otherwise its owner ends it
-            self.logger.terminate("FAILED" if result.diverged else "FINISHED")
-        else:
-            self.logger.flush(block=True)  # the owner ends the run; the records must be there
-            self.logger.close()
 
 
 def sync_spool(spool_dir: str | Path, tracking_uri: str, wait_s: float = 60.0) -> dict[str, int]:

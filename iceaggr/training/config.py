@@ -28,7 +28,7 @@ from iceaggr.data.dataset import KaggleDataset
 from iceaggr.data.loader import Truncation
 from iceaggr.models.losses import LossKind
 from iceaggr.models.model import ModelConfig, baseline_model_config, debug_model_config
-from iceaggr.tracking.run_logger import DEFAULT_WAIT_S
+from iceaggr.tracking.client import DEFAULT_WAIT_S
 from iceaggr.training.collapse import COLLAPSE_RESULTANT
 
 

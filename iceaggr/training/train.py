@@ -47,11 +47,11 @@ from iceaggr.data.dataset import KaggleDataset, split_batch_ids
 from iceaggr.data.loader import EventLoader
 from iceaggr.models.builder import build_model, param_groups
 from iceaggr.models.losses import angular_distance, training_loss, vmf_nll
-from iceaggr.tracking.run_logger import MlflowHook
 from iceaggr.training.collapse import CollapseStats, best_constant, collapse_stats
 from iceaggr.training.config import ExperimentConfig, to_dict
 from iceaggr.training.held_out import HeldOutCache, score_key, state_hash
 from iceaggr.training.hooks import CallbackHook, Hook, ProgressHook, ReportFn
+from iceaggr.training.mlflow_hook import MlflowHook
 
 log = logging.getLogger(__name__)
 
