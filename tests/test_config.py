@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from iceaggr.data.config import DataConfig
 from iceaggr.models.model import ModelConfig
 from iceaggr.training.config import (
     ConfigError,
-    DataConfig,
     ExperimentConfig,
     TrainConfig,
     apply_overrides,
