@@ -61,7 +61,7 @@ def _worker(
     torch.set_num_threads(threads)
     from benchmarks.throughput import synthetic_batches
     from iceaggr.training.config import load_config
-    from iceaggr.training.train import Trainer
+    from iceaggr.training.trainer import Trainer
 
     cfg = load_config(ROOT / WORKLOADS[workload]["config"])
     cfg.train.batch_size = batch

@@ -151,7 +151,7 @@ def loss_agreement(plan: Plan) -> list[dict[str, Any]]:
     """Per-step training losses of fp32 and bf16 from the same weights on the same batches."""
     from benchmarks.throughput import synthetic_batches
     from iceaggr.training.config import load_config
-    from iceaggr.training.train import Trainer
+    from iceaggr.training.trainer import Trainer
 
     out = []
     device = torch.device(plan.device)

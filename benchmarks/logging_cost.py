@@ -169,7 +169,7 @@ def run_case(name: str, cfg: Any, url: str | None, background: bool, out: Path) 
 
     from mlflow.tracking import MlflowClient
 
-    from iceaggr.training.train import train
+    from iceaggr.training.trainer import train
 
     cfg = copy.deepcopy(cfg)
     cfg.name = f"logging-cost-{name}"

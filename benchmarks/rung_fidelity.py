@@ -48,7 +48,7 @@ from learning import line_fit_error
 from iceaggr.data.dataset import KaggleDataset, split_batch_ids
 from iceaggr.logs import setup_logging
 from iceaggr.training.config import ExperimentConfig, to_dict
-from iceaggr.training.train import train
+from iceaggr.training.trainer import train
 from iceaggr_tune.early_stop import RungBoard
 from iceaggr_tune.options import SearchOptions, SweepOptions
 from iceaggr_tune.sweep import base_experiment, ensure_data, search_config

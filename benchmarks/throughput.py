@@ -78,7 +78,7 @@ from iceaggr.data.loader import Truncation
 from iceaggr.models.model import IceAggrModel, ModelConfig
 from iceaggr.models.normalization import NUM_SUMMARY_FEATURES
 from iceaggr.training.config import ExperimentConfig, load_config
-from iceaggr.training.train import Trainer
+from iceaggr.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "experiments" / "iceaggr_baseline" / "config.yaml"

@@ -43,7 +43,7 @@ from iceaggr.training.config import ExperimentConfig, from_dict, to_dict
 from iceaggr.training.hooks import Hook
 from iceaggr.training.mlflow_hook import TAG_DIVERGED, MlflowHook
 from iceaggr.training.probe import Column, cell_from_result, probe_config
-from iceaggr.training.train import CHECKPOINT_NAME, DivergenceReport, train
+from iceaggr.training.trainer import CHECKPOINT_NAME, DivergenceReport, train
 from iceaggr_tune import mlflow_runs
 from iceaggr_tune.early_stop import get_board
 from iceaggr_tune.options import ResourceOptions, TableOptions, TrackingOptions

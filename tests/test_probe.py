@@ -38,7 +38,7 @@ from iceaggr.training.stability_table import (
     format_table,
     write_table,
 )
-from iceaggr.training.train import TrainResult
+from iceaggr.training.trainer import TrainResult
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

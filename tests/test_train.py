@@ -33,7 +33,7 @@ from iceaggr.models.normalization import TIME_OFFSET_NS, TIME_SCALE_NS, XYZ_SCAL
 from iceaggr.training.config import ExperimentConfig, debug_config, to_dict
 from iceaggr.training.hooks import Hook
 from iceaggr.training.mlflow_hook import TAG_RESUMED_FROM_STEP, MlflowHook
-from iceaggr.training.train import (
+from iceaggr.training.trainer import (
     CHECKPOINT_NAME,
     DivergenceGuard,
     DivergenceReport,
@@ -414,7 +414,7 @@ def test_input_audit_warns_about_raw_features(
     small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     kw: dict[str, Any] = dict(max_steps=1, eval_every=0, checkpoint_every=0)
-    caplog.set_level(logging.WARNING, logger="iceaggr.training.train")
+    caplog.set_level(logging.WARNING, logger="iceaggr.training.trainer")
     raw = train(make_cfg(small_dataset, tmp_path / "raw", normalize=False, **kw), progress=False)
     raw_warnings = [r.getMessage() for r in caplog.records if "INPUT AUDIT" in r.getMessage()]
     caplog.clear()

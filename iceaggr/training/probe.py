@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from iceaggr.training.collapse import learned
 from iceaggr.training.config import ExperimentConfig
-from iceaggr.training.train import TrainResult, train
+from iceaggr.training.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
 
