@@ -67,7 +67,8 @@ from iceaggr.data.loader import EventLoader
 from iceaggr.data.synth import write_synthetic_dataset
 from iceaggr.logs import setup_logging
 from iceaggr.training.config import ExperimentConfig, load_config, to_dict
-from iceaggr.training.trainer import evaluate, train
+from iceaggr.training.evaluation import evaluate
+from iceaggr.training.trainer import train
 
 log = logging.getLogger("benchmarks.learning")
 

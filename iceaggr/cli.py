@@ -35,7 +35,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from iceaggr.training.config import load_config
-    from iceaggr.training.trainer import train, write_result
+    from iceaggr.training.results import write_result
+    from iceaggr.training.trainer import train
 
     cfg = load_config(args.config, args.set)
     result = train(cfg, resume_from=args.resume)

@@ -38,12 +38,14 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from iceaggr.tracking.run_logger import RunLogger
+from iceaggr.training.checkpoint import CHECKPOINT_NAME
 from iceaggr.training.collapse import CollapseStats
 from iceaggr.training.config import ExperimentConfig, from_dict, to_dict
+from iceaggr.training.guard import DivergenceReport
 from iceaggr.training.hooks import Hook
 from iceaggr.training.mlflow_hook import TAG_DIVERGED, MlflowHook
 from iceaggr.training.probe import Column, cell_from_result, probe_config
-from iceaggr.training.trainer import CHECKPOINT_NAME, DivergenceReport, train
+from iceaggr.training.trainer import train
 from iceaggr_tune import mlflow_runs
 from iceaggr_tune.early_stop import get_board
 from iceaggr_tune.options import ResourceOptions, TableOptions, TrackingOptions

@@ -10,7 +10,8 @@ import torch
 from iceaggr.training.config import debug_config
 from iceaggr.training.held_out import HeldOutCache, HeldOutMismatch, state_hash
 from iceaggr.training.probe import probe_config
-from iceaggr.training.trainer import TrainResult, train
+from iceaggr.training.results import TrainResult
+from iceaggr.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -30,6 +30,7 @@ from iceaggr.training.probe import (
     probe_config,
     run_probe,
 )
+from iceaggr.training.results import TrainResult
 from iceaggr.training.stability_table import (
     LEARNING_TITLE,
     REPRODUCTION_TITLE,
@@ -38,7 +39,6 @@ from iceaggr.training.stability_table import (
     format_table,
     write_table,
 )
-from iceaggr.training.trainer import TrainResult
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -30,21 +30,14 @@ from iceaggr.data.loader import EventLoader
 from iceaggr.models.losses import angular_distance
 from iceaggr.models.model import IceAggrModel
 from iceaggr.models.normalization import TIME_OFFSET_NS, TIME_SCALE_NS, XYZ_SCALE_M
+from iceaggr.training.checkpoint import CHECKPOINT_NAME, TrainState
 from iceaggr.training.config import ExperimentConfig, debug_config, to_dict
+from iceaggr.training.evaluation import evaluate
+from iceaggr.training.guard import DivergenceGuard, DivergenceReport, StepOutput
 from iceaggr.training.hooks import Hook
 from iceaggr.training.mlflow_hook import TAG_RESUMED_FROM_STEP, MlflowHook
-from iceaggr.training.trainer import (
-    CHECKPOINT_NAME,
-    DivergenceGuard,
-    DivergenceReport,
-    StepOutput,
-    Trainer,
-    TrainResult,
-    TrainState,
-    evaluate,
-    lr_lambda,
-    train,
-)
+from iceaggr.training.results import TrainResult
+from iceaggr.training.trainer import Trainer, lr_lambda, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -414,7 +407,7 @@ def test_input_audit_warns_about_raw_features(
     small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     kw: dict[str, Any] = dict(max_steps=1, eval_every=0, checkpoint_every=0)
-    caplog.set_level(logging.WARNING, logger="iceaggr.training.trainer")
+    caplog.set_level(logging.WARNING, logger="iceaggr.training.guard")
     raw = train(make_cfg(small_dataset, tmp_path / "raw", normalize=False, **kw), progress=False)
     raw_warnings = [r.getMessage() for r in caplog.records if "INPUT AUDIT" in r.getMessage()]
     caplog.clear()

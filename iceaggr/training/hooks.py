@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from iceaggr.training.trainer import DivergenceReport, Trainer, TrainResult
+    from iceaggr.training.guard import DivergenceReport
+    from iceaggr.training.results import TrainResult
+    from iceaggr.training.trainer import Trainer
 
 ReportFn = Callable[[dict[str, float], int, "Path | None"], "bool | None"]
 """``report(metrics, step, checkpoint_dir_or_None)``, called every ``log_every`` steps; a true

@@ -14,7 +14,9 @@ from iceaggr.training.config import ExperimentConfig, to_dict
 from iceaggr.training.hooks import Hook
 
 if TYPE_CHECKING:
-    from iceaggr.training.trainer import DivergenceReport, Trainer, TrainResult
+    from iceaggr.training.guard import DivergenceReport
+    from iceaggr.training.results import TrainResult
+    from iceaggr.training.trainer import Trainer
 
 # Tags that mark a diverged run (read by the sweep and by people in the MLflow UI).
 TAG_DIVERGED = "diverged"

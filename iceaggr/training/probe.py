@@ -50,7 +50,8 @@ from typing import Any, Literal
 
 from iceaggr.training.collapse import learned
 from iceaggr.training.config import ExperimentConfig
-from iceaggr.training.trainer import TrainResult, train
+from iceaggr.training.results import TrainResult
+from iceaggr.training.trainer import train
 
 log = logging.getLogger(__name__)
 

@@ -3,20 +3,13 @@
 :class:`Trainer` runs AdamW with linear warm-up and cosine decay, clips the global gradient
 norm (recording the norm before clipping, and every parameter's), uses bf16 autocast on CUDA,
 validates on held-out batch files with the competition metric, checkpoints
-(:class:`TrainState`) so a run resumes exactly, and tells its :mod:`hooks <iceaggr.hooks>`
-(MLflow, a progress bar, Ray Tune) what happened. ``train(cfg)`` builds one and fits it.
+(:class:`~iceaggr.training.checkpoint.TrainState`) so a run resumes exactly, and tells its
+:mod:`hooks <iceaggr.training.hooks>` (MLflow, a progress bar, Ray Tune) what happened.
+``train(cfg)`` builds one and fits it.
 
-Two guards come with it:
-
-* **input audit**: before the first step, the magnitudes of every model input
-  feature are measured on the first batches; a feature larger than
-  ``train.input_audit_threshold`` (100) was not normalized and is reported loudly.
-* **divergence guard** (:class:`DivergenceGuard`): the first non-finite loss, prediction or
-  gradient ends the run with a :class:`DivergenceReport` (step, first parameter whose gradient
-  went non-finite, largest pre-clip gradient norm so far, largest absolute model input per
-  feature). The checks stay on the device and are read every step on CPU, every
-  ``log_every`` steps on CUDA (the flags remember the *first* bad step, so the report is
-  exact; at most ``log_every - 1`` wasted steps follow it).
+Beside it: the input audit and the divergence guard (:mod:`iceaggr.training.guard`),
+validation and the fixed held-out set (:mod:`iceaggr.training.evaluation`), the checkpoint
+(:mod:`iceaggr.training.checkpoint`) and the result (:mod:`iceaggr.training.results`).
 
 Nothing here imports Ray: a Ray Train worker passes ``rank``, ``world_size``, ``device`` and
 its hooks (see ``iceaggr_tune.trial``). Run standalone with
@@ -26,15 +19,12 @@ its hooks (see ``iceaggr_tune.trial``). Run standalone with
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,101 +36,17 @@ from iceaggr.data.batch import DomBatch
 from iceaggr.data.dataset import KaggleDataset, split_batch_ids
 from iceaggr.data.loader import EventLoader
 from iceaggr.models.builder import build_model, param_groups
-from iceaggr.models.losses import angular_distance, training_loss, vmf_nll
-from iceaggr.training.collapse import CollapseStats, best_constant, collapse_stats
+from iceaggr.models.losses import training_loss
+from iceaggr.training.checkpoint import CHECKPOINT_NAME, TrainState
 from iceaggr.training.config import ExperimentConfig, to_dict
-from iceaggr.training.held_out import HeldOutCache, score_key, state_hash
+from iceaggr.training.evaluation import Validation
+from iceaggr.training.guard import DivergenceGuard, StepOutput, audit_inputs
+from iceaggr.training.held_out import HeldOutCache
 from iceaggr.training.hooks import CallbackHook, Hook, ProgressHook, ReportFn
 from iceaggr.training.mlflow_hook import MlflowHook
+from iceaggr.training.results import TrainResult
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint.pt"
-DIVERGENCE_KINDS = {1: "non-finite loss", 2: "non-finite prediction", 3: "non-finite gradient"}
-"""What the guard found at the first bad step (the first that applies, in this order)."""
-
-
-@dataclass
-class DivergenceReport:
-    step: int
-    """1-based optimizer step at which the first non-finite value appeared."""
-    reason: str
-    """``non-finite loss``, ``non-finite prediction`` or ``non-finite gradient``."""
-    first_bad_parameter: str | None
-    """First parameter (in ``named_parameters`` order) whose gradient was non-finite (if the
-    per-parameter norms were finite and only their total overflowed: the largest one)."""
-    max_grad_norm: float
-    """Largest finite pre-clip global gradient norm seen before divergence."""
-    max_abs_input: dict[str, float]
-    """Largest absolute value of every model input feature seen so far."""
-    last_finite_loss: float | None
-
-    def summary(self) -> str:
-        worst = max(self.max_abs_input.items(), key=lambda kv: kv[1], default=("-", 0.0))
-        return (
-            f"diverged at step {self.step}: {self.reason}"
-            + (f" (first in {self.first_bad_parameter})" if self.first_bad_parameter else "")
-            + f"; max pre-clip grad norm {self.max_grad_norm:.3g}; largest input "
-            f"{worst[0]}={worst[1]:.3g}"
-        )
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    diverged: DivergenceReport | None = None
-    first_loss: float | None = None
-    last_loss: float | None = None
-    max_grad_norm: float = 0.0
-    fixed_batch_loss_initial: float | None = None
-    """Mean training loss of the fixed held-out set (``track_fixed_batch``: every event of the
-    validation loader, at most ``data.max_val_events``) before the first step."""
-    fixed_batch_loss_final: float | None = None
-    """The same after the last step (None when the run diverged)."""
-    fixed_batch_events: int = 0
-    """Events in the fixed held-out set."""
-    fixed_batch_initial_shared: bool = False
-    """``fixed_batch_loss_initial`` was read from a held-out cache (computed by another run
-    from the same initial weights; :mod:`iceaggr.held_out`)."""
-    fixed_batch_change_stderr: float | None = None
-    """Standard error of the final-minus-initial loss change over those events (paired: the
-    spread of the per-event changes / sqrt(events)); None after a resume or a divergence."""
-    stopped_early: bool = False
-    """A hook (e.g. an early-stopping rule) asked the run to stop before ``max_steps``."""
-    val_angle: float | None = None
-    """Mean angular error (rad) on the validation files: the competition metric."""
-    val_collapse: dict[str, float] | None = None
-    """Collapse signals of the last validation (:class:`~iceaggr.collapse.CollapseStats`: R of
-    the predictions, the best constant direction's error on the same events...)."""
-    collapsed: bool | None = None
-    """The last validation's R >= ``train.collapse_resultant`` (None: never validated)."""
-    fixed_collapse_initial: dict[str, float] | None = None
-    """Collapse signals of the fixed held-out set before the first step (``track_fixed_batch``)."""
-    fixed_collapse_final: dict[str, float] | None = None
-    """The same after the last step (None when the run diverged)."""
-    input_audit: dict[str, dict[str, float]] = field(default_factory=dict)
-    train_seconds: float = 0.0
-    """Wall time spent inside training steps (excludes set-up, validation, checkpoints)."""
-    events_per_s: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
-    max_param_grad_norm: float = 0.0
-    """Largest finite pre-clip gradient norm of a single parameter over the run."""
-    max_param_grad_name: str | None = None
-    """The parameter (``named_parameters`` name) that had it."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Wall seconds of this process outside the training steps: ``setup_s`` (dataset open,
-    loaders, model, optimizer, input audit), ``held_out_s`` (the fixed held-out set, read and
-    scored before and after), ``validation_s``, ``checkpoint_s`` and ``report_s`` (hooks at
-    reports: MLflow, Ray Train reports, early stopping); ``first_step_s``: from the start of
-    set-up to the end of the first step (with an ``s3://`` dataset and a cold node cache,
-    includes fetching the metadata and the first files)."""
-
-    def add_time(self, key: str, since: float) -> None:
-        """Add the ``time.perf_counter()`` seconds elapsed ``since`` to ``timings[key]``."""
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - since
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,43 +72,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def audit_inputs(
-    model: nn.Module, batches: list[DomBatch], threshold: float
-) -> dict[str, dict[str, float]]:
-    """Per-feature min/max/mean/absmax of what enters the network; warns above ``threshold``."""
-    stats: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        for b in batches:
-            for name, t in model.input_features(b).items():
-                t = t.float()
-                s = stats.setdefault(
-                    name, {"min": math.inf, "max": -math.inf, "sum": 0.0, "n": 0.0}
-                )
-                s["min"] = min(s["min"], t.min().item())
-                s["max"] = max(s["max"], t.max().item())
-                s["sum"] += t.sum().item()
-                s["n"] += t.numel()
-    out = {}
-    for name, s in stats.items():
-        absmax = max(abs(s["min"]), abs(s["max"]))
-        out[name] = {
-            "min": s["min"],
-            "max": s["max"],
-            "mean": s["sum"] / max(1.0, s["n"]),
-            "absmax": absmax,
-        }
-        if absmax > threshold:
-            log.warning(
-                "INPUT AUDIT: model input feature '%s' reaches %.4g (threshold %g): it is not "
-                "normalized. Raw-scale inputs like this made the original run sit at ~1.5 rad "
-                "and die with NaN; set model.normalize=true.",
-                name,
-                absmax,
-                threshold,
-            )
-    return out
-
-
 def _cycle_epochs(
     loader: EventLoader, epoch: int, start_batch: int
 ) -> Iterator[tuple[int, int, DomBatch]]:
@@ -213,219 +82,7 @@ def _cycle_epochs(
             yield e, i, b
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: EventLoader,
-    device: torch.device,
-    autocast: Any,
-    collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> tuple[float, int]:
-    """(sum of per-event angular errors in rad, number of events) over one pass of ``loader``;
-    each batch's (predictions (B, 3), true directions (B, 3)) is appended to ``collect``
-    (on the CPU) when it is given."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
-    for b in loader.iter_epoch(0):
-        b = b.to(device, non_blocking=True)
-        with autocast():
-            out = model(b)
-        direction = out.direction.float()  # (B, 3)
-        total += angular_distance(direction, b.direction).double().sum()
-        n += b.num_events
-        if collect is not None:
-            collect.append((direction.cpu(), b.direction.float().cpu()))
-    model.train(was_training)
-    return float(total), n
-
-
-@dataclass
-class StepOutput:
-    """What one optimizer step measured; every tensor stays on the device (no host sync)."""
-
-    loss: torch.Tensor
-    """() training loss of the batch."""
-    grad_norm: torch.Tensor
-    """() global gradient norm before clipping."""
-    param_grad_norms: torch.Tensor
-    """(n_params,) per-parameter gradient norms before clipping, in ``Trainer.param_names``
-    order (a parameter without a gradient counts as zero)."""
-    prediction: torch.Tensor
-    """(B, 3) predicted directions."""
-    input_absmax: dict[str, torch.Tensor]
-    """() largest absolute value of each model input feature in the batch."""
-    lr: float
-    """The learning rate the step used."""
-    events: int
-    """Events in the batch."""
-
-
-class DivergenceGuard:
-    """Device-side watch for the first non-finite loss, prediction or gradient.
-
-    :meth:`observe` updates flags on the device after every step (no host sync); they keep
-    the *first* bad step, its kind and its first bad parameter, so :meth:`report`, which reads
-    them (a sync), is exact however rarely it is called. The guard also keeps the largest
-    finite pre-clip global and per-parameter gradient norms and the largest absolute model
-    input per feature.
-    """
-
-    def __init__(
-        self,
-        param_names: list[str],
-        device: torch.device,
-        *,
-        max_grad_norm: float = 0.0,
-        max_param_grad_norm: float = 0.0,
-        max_param_grad_name: str | None = None,
-    ) -> None:
-        self.param_names = param_names
-        self.last_finite_loss: float | None = None
-        """The loss of the latest step :meth:`report` saw finite (host float)."""
-        self._last_loss: torch.Tensor | None = None
-        # -1 / 0: nothing bad yet; kinds are the keys of DIVERGENCE_KINDS.
-        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self._first_bad_kind = torch.zeros((), dtype=torch.long, device=device)
-        self._first_bad_param = torch.full((), -1, dtype=torch.long, device=device)
-        self._max_norm = torch.full((), max_grad_norm, dtype=torch.float32, device=device)
-        self._max_param_norm = torch.full(
-            (), max_param_grad_norm, dtype=torch.float32, device=device
-        )
-        index = param_names.index(max_param_grad_name) if max_param_grad_name else -1
-        self._max_param_index = torch.full((), index, dtype=torch.long, device=device)
-        self._input_absmax: dict[str, torch.Tensor] = {}
-
-    def observe(self, out: StepOutput, step: int) -> None:
-        """Take in optimizer step ``step`` (1-based); device work only."""
-        self._last_loss = out.loss
-        for name, m in out.input_absmax.items():
-            seen = self._input_absmax.get(name)
-            self._input_absmax[name] = m if seen is None else torch.maximum(seen, m)
-        bad_loss = ~torch.isfinite(out.loss)
-        bad_pred = ~torch.isfinite(out.prediction).all()
-        bad_grad = ~torch.isfinite(out.grad_norm)
-        newly = (bad_loss | bad_pred | bad_grad) & (self._first_bad_step < 0)
-        at_step = torch.full_like(self._first_bad_step, step)
-        self._first_bad_step = torch.where(newly, at_step, self._first_bad_step)
-        kind = torch.where(bad_loss, 1, torch.where(bad_pred, 2, 3))
-        self._first_bad_kind = torch.where(newly, kind, self._first_bad_kind)
-        # First parameter with a non-finite gradient norm; when every per-parameter norm is
-        # finite but their total overflowed, the one with the largest norm (argmax: first max).
-        norms = out.param_grad_norms
-        bad_idx = torch.argmax(torch.nan_to_num(norms, nan=math.inf, posinf=math.inf))
-        self._first_bad_param = torch.where(newly & bad_grad, bad_idx, self._first_bad_param)
-        total = out.grad_norm
-        finite_total = torch.maximum(self._max_norm, total.float())
-        self._max_norm = torch.where(torch.isfinite(total), finite_total, self._max_norm)
-        finite = torch.where(torch.isfinite(norms), norms, -1.0)  # (n_params,)
-        larger = finite.amax() > self._max_param_norm
-        self._max_param_norm = torch.where(larger, finite.amax(), self._max_param_norm)
-        self._max_param_index = torch.where(larger, finite.argmax(), self._max_param_index)
-
-    def report(self) -> DivergenceReport | None:
-        """Reads the flags (a host sync): the divergence, or None while every step was finite
-        (then the latest observed loss becomes :attr:`last_finite_loss`)."""
-        bad_step = int(self._first_bad_step)
-        if bad_step < 0:
-            if self._last_loss is not None:
-                self.last_finite_loss = float(self._last_loss)
-            return None
-        pidx = int(self._first_bad_param)
-        return DivergenceReport(
-            step=bad_step,
-            reason=DIVERGENCE_KINDS[int(self._first_bad_kind)],
-            first_bad_parameter=self.param_names[pidx] if pidx >= 0 else None,
-            max_grad_norm=self.max_grad_norm,
-            max_abs_input={k: float(v) for k, v in self._input_absmax.items()},
-            last_finite_loss=self.last_finite_loss,
-        )
-
-    @property
-    def max_grad_norm(self) -> float:
-        """Largest finite pre-clip global gradient norm so far (a host sync)."""
-        return float(self._max_norm)
-
-    @property
-    def max_param_grad(self) -> tuple[float, str | None]:
-        """Largest finite pre-clip per-parameter gradient norm so far and its parameter."""
-        index = int(self._max_param_index)
-        return float(self._max_param_norm), self.param_names[index] if index >= 0 else None
-
-
-@dataclass(kw_only=True)
-class TrainState:
-    """Where a run stands; with the model, optimizer and schedule it is the checkpoint.
-
-    One file (``checkpoint.pt``) holds the model, optimizer and scheduler state dicts, the
-    fields below, the torch (and CUDA) RNG states and the run's config; :meth:`save` writes
-    it atomically, :meth:`restore` loads it back so a resumed run continues as the
-    uninterrupted one would (bit for bit on the CPU, see tests/test_train.py).
-    """
-
-    step: int = 0
-    """Optimizer steps done."""
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    """The next batch of ``epoch`` to train on."""
-    max_grad_norm: float = 0.0
-    max_param_grad_norm: float = 0.0
-    max_param_grad_name: str | None = None
-    first_loss: float | None = None
-    fixed_batch_loss_initial: float | None = None
-
-    def save(
-        self,
-        path: Path,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        config: dict[str, Any],
-        device: torch.device,
-    ) -> None:
-        """Atomic write (a killed writer never leaves a half checkpoint behind)."""
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            **{f.name: getattr(self, f.name) for f in fields(self)},
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "config": config,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-
-    @classmethod
-    def restore(
-        cls,
-        path: Path,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        device: torch.device,
-    ) -> TrainState:
-        """Load ``path`` (a checkpoint file or the folder holding one) into the model,
-        optimizer, scheduler and the RNGs; returns the progress fields."""
-        if path.is_dir():
-            path = path / CHECKPOINT_NAME
-        state = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        log.info("resumed from %s at step %d", path, state["step"])
-        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
-
-
-class Trainer:
+class Trainer(Validation):
     """One training run (or one rank of a data-parallel run) of ``cfg``.
 
     ``__init__`` builds the loaders, the model, AdamW with its warm-up + cosine schedule and
@@ -586,44 +243,6 @@ class Trainer:
             self.model, [b.to(self.device) for _, _, b in peek], tc.input_audit_threshold
         )
         return itertools.chain(peek, stream)
-
-    def _track_fixed_batch(self) -> None:
-        if self.val_loader is None:
-            raise ValueError("track_fixed_batch needs validation files (data.val_files >= 1)")
-        self.fixed_batches = [b.to(self.device) for b in self.val_loader.iter_epoch(0)]
-        self.result.fixed_batch_events = sum(b.num_events for b in self.fixed_batches)
-        if self.result.fixed_batch_loss_initial is None:
-            if self.held_out_cache is None:
-                self._fixed_initial, directions = self._fixed_set_eval()
-            else:
-                (self._fixed_initial, directions), shared = self.held_out_cache.initial_score(
-                    score_key(self._held_out_identity()),
-                    state_hash(self.model),
-                    self._fixed_set_eval,
-                )
-                self.result.fixed_batch_initial_shared = shared
-            self.result.fixed_batch_loss_initial = float(self._fixed_initial.mean())
-            self.result.fixed_collapse_initial = self._fixed_collapse(directions)
-
-    def _held_out_identity(self) -> dict[str, Any]:
-        """What the untrained model's held-out score depends on: the model (its initial
-        weights are also hashed), the held-out events, the loss and the arithmetic. Not the
-        learning rate or anything else of the optimizer, which act only from the first step."""
-        cfg, tc = self.cfg, self.cfg.train
-        return {
-            "model": asdict(cfg.model),
-            "seed": tc.seed,
-            "loss": tc.loss,
-            "bf16": self.use_bf16,
-            "device": self.device.type,
-            "data": str(Path(cfg.data.path).resolve()),
-            "val_files": cfg.data.val_files,
-            "max_val_events": cfg.data.max_val_events,
-            "truncation": asdict(cfg.data.truncation()),
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "events": self.result.fixed_batch_events,
-        }
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bf16 autocast when ``train.precision`` asks for it (``auto``: on CUDA)."""
@@ -789,108 +408,6 @@ class Trainer:
             )
         return self.checkpoint_dir
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean angular error (rad) over the validation files, all ranks together."""
-        assert self.val_loader is not None
-        s, n = evaluate(self.train_model, self.val_loader, self.device, self.autocast)
-        if self.distributed:
-            t = torch.tensor([s, n], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(t)
-            s, n = float(t[0]), int(t[1])
-        return s / max(1, n)
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """One validation pass, all ranks together: ``val_angle`` (the competition metric) and
-        the collapse signals of :meth:`CollapseStats.metrics` (``val_resultant``,
-        ``val_const_angle``...); also recorded in the result (``val_collapse``, ``collapsed``)."""
-        assert self.val_loader is not None
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        evaluate(self.train_model, self.val_loader, self.device, self.autocast, collect=pairs)
-        if self.distributed:  # every rank scores the events of all ranks
-            gathered: list[Any] = [None] * self.world_size
-            torch.distributed.all_gather_object(gathered, pairs)
-            pairs = [p for part in gathered for p in part]
-        pred = torch.cat([p for p, _ in pairs])  # (N, 3)
-        target = torch.cat([t for _, t in pairs])  # (N, 3)
-        if self._val_const is None:  # the validation events never change within a run
-            self._val_const = best_constant(target)
-        stats = collapse_stats(pred, target, self._val_const)
-        self._record_collapse(stats)
-        self.result.val_angle = stats.angle
-        return {"val_angle": stats.angle, **stats.metrics()}
-
-    def _record_collapse(self, stats: CollapseStats) -> None:
-        self.result.val_collapse = stats.to_dict()
-        self.result.collapsed = stats.collapsed(self.cfg.train.collapse_resultant)
-
-    def _fixed_collapse(self, directions: torch.Tensor) -> dict[str, float]:
-        targets = torch.cat([b.direction.float().cpu() for b in self.fixed_batches])  # (N, 3)
-        if self._fixed_const is None:
-            self._fixed_const = best_constant(targets)
-        return collapse_stats(directions, targets, self._fixed_const).to_dict()
-
-    @torch.no_grad()
-    def fixed_set_losses(self) -> torch.Tensor:
-        """(N,) float64 per-event training loss of the fixed held-out set, in eval mode (no
-        dropout); a non-finite prediction gives a non-finite loss, never an error."""
-        return self._fixed_set_eval()[0]
-
-    @torch.no_grad()
-    def _fixed_set_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-event losses (N,) float64, predicted directions (N, 3)) of the fixed set."""
-        assert self.fixed_batches, "track_fixed_batch=True builds the fixed held-out set"
-        model, kind = self.train_model, self.cfg.train.loss
-        was = model.training
-        model.eval()
-        parts, directions = [], []
-        for batch in self.fixed_batches:
-            with self.autocast():
-                out = model(batch)
-            direction = out.direction.float()  # (B, 3)
-            if kind == "angular":
-                per_event = angular_distance(direction, batch.direction)  # (B,) rad
-            else:
-                per_event = vmf_nll(direction, out.kappa.float(), batch.direction)  # (B,)
-            parts.append(per_event.double().cpu())
-            directions.append(direction.cpu())
-        model.train(was)
-        return torch.cat(parts), torch.cat(directions)  # (N,), (N, 3)
-
-    def fixed_batch_loss(self) -> float:
-        """Mean training loss of the fixed held-out set (see :meth:`fixed_set_losses`)."""
-        return float(self.fixed_set_losses().mean())
-
-    def _held_out_is_validation(self) -> bool:
-        """The fixed held-out set holds every validation event this run scores (one process)
-        and its loss is the angular error: the last step's validation is its final score."""
-        angular = self.cfg.train.loss == "angular"
-        return bool(self.fixed_batches) and not self.distributed and angular
-
-    def _score_held_out_final(self) -> dict[str, float]:
-        """Score the fixed held-out set after training (once): its final loss and paired
-        stderr and collapse signals; when it is the run's last validation, also ``val_angle``
-        and the collapse metrics, returned for the last report."""
-        r, tc = self.result, self.cfg.train
-        if self._held_out_final is None:
-            t0 = time.perf_counter()
-            final, directions = self._fixed_set_eval()
-            r.fixed_collapse_final = self._fixed_collapse(directions)
-            r.add_time("held_out_s", t0)
-            metrics: dict[str, float] = {}
-            if self._held_out_is_validation() and self.state.step == tc.max_steps:
-                stats = CollapseStats.from_dict(r.fixed_collapse_final)
-                r.val_angle = float(final.mean())  # the last validation, scored once
-                self._record_collapse(stats)
-                metrics = {"val_angle": r.val_angle, **stats.metrics()}
-            r.fixed_batch_loss_final = float(final.mean())
-            if self._fixed_initial is not None and final.numel() > 1:
-                change = final - self._fixed_initial  # (N,) paired per-event changes
-                r.fixed_batch_change_stderr = float(change.std() / math.sqrt(change.numel()))
-            self._held_out_final = metrics
-        return self._held_out_final
-
     def _finish(self) -> TrainResult:
         r, tc = self.result, self.cfg.train
         r.max_grad_norm = self.guard.max_grad_norm
@@ -972,9 +489,3 @@ def train(
         track_fixed_batch=track_fixed_batch,
         held_out_cache=held_out_cache,
     ).fit()
-
-
-def write_result(result: TrainResult, path: str | Path) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result.to_json(), indent=2))
