@@ -14,6 +14,7 @@ import pytest
 
 from iceaggr.data import synth
 from iceaggr.data.geometry import NUM_SENSORS, make_geometry
+from iceaggr.data.synth import photons, writer
 
 N_EVENTS = 1_500
 BATCH_SIZE = 600  # -> batch files of 600, 600 and 300 events
@@ -238,7 +239,7 @@ def test_interrupted_run_leaves_no_dataset(
             raise error("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "generate_events", flaky)
+    monkeypatch.setattr(writer, "generate_events", flaky)
     with pytest.raises(error):
         synth.write_synthetic_dataset(out, 30, batch_size=10, progress=False)
     assert len(calls) == 2
@@ -273,12 +274,12 @@ def test_search_radius_misses_no_dom_above_threshold(monkeypatch: pytest.MonkeyP
     )
     scale = np.log(2.0) / synth.MIN_EXPECTED_PE  # mu >= MIN_EXPECTED_PE <=> 1 - e^(-mu s) > 0.5
     real_sampler = synth._poisson_nonzero
-    monkeypatch.setattr(synth, "_poisson_nonzero", lambda rng, mu: real_sampler(rng, mu * scale))
+    monkeypatch.setattr(photons, "_poisson_nonzero", lambda rng, mu: real_sampler(rng, mu * scale))
     fake = _HalfRng()
     found = _hit_set(
         synth._track_hits(fake, det, tracks) + synth._cascade_hits(fake, det, cascades)
     )
-    monkeypatch.setattr(synth, "MIN_EXPECTED_PE", 1e-30)  # search everything
+    monkeypatch.setattr(photons, "MIN_EXPECTED_PE", 1e-30)  # search everything
     truth = _hit_set(
         synth._track_hits(fake, det, tracks) + synth._cascade_hits(fake, det, cascades)
     )
