@@ -4,7 +4,7 @@ A sweep on CPUs can run P trials at once with T torch threads each (P x T <= cor
 script measures every such split on this machine's cores: P processes start together (a
 barrier), each builds a :class:`~iceaggr.train.Trainer` with ``torch.set_num_threads(T)``
 and times ``Trainer.train_step`` (the step the sweep's trials run) on synthetic batches made by
-:func:`benchmarks.throughput.synthetic_batches`; the score of a split is the events/s of all
+:func:`benchmarks.harness.synthetic_batches`; the score of a split is the events/s of all
 P processes together (events trained / wall time from the barrier until the last process
 ends), i.e. trials finished per hour for a fixed step budget.
 
@@ -59,7 +59,7 @@ def _worker(
     import torch
 
     torch.set_num_threads(threads)
-    from benchmarks.throughput import synthetic_batches
+    from benchmarks.harness import synthetic_batches
     from iceaggr.training.config import load_config
     from iceaggr.training.trainer import Trainer
 

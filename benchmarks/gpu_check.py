@@ -17,7 +17,7 @@ stopped, and the table part may use at most 45% of what is left when it starts):
 1. **throughput**: training events/s of ``Trainer.train_step`` in fp32 and bf16 autocast, of
    this project's model packed vs padded (:mod:`benchmarks.throughput` runs it: its rows and
    speed-ups) and of the original network (``experiments/baseline_1m/config_fixed.yaml``,
-   timed with :func:`benchmarks.throughput.time_training` on the same synthetic batches);
+   timed with :func:`benchmarks.harness.time_training` on the same synthetic batches);
 2. **bf16 vs fp32**: the same model, initial weights and batches trained ``--agreement-steps``
    steps in each precision; the per-step loss difference (max and mean, rad);
 3. **the sweep**, through its own entry point (``tune/lr_sweep.py``, with
@@ -112,7 +112,7 @@ def throughput_ours(plan: Plan, tmp: Path) -> dict[str, Any]:
 
 def throughput_original(plan: Plan) -> list[dict[str, Any]]:
     """The original network's training events/s (fp32, bf16) on the throughput batches."""
-    from benchmarks.throughput import synthetic_batches, time_training
+    from benchmarks.harness import synthetic_batches, time_training
     from iceaggr.models.builder import build_model
     from iceaggr.training.config import load_config
 
@@ -149,7 +149,7 @@ def throughput_original(plan: Plan) -> list[dict[str, Any]]:
 
 def loss_agreement(plan: Plan) -> list[dict[str, Any]]:
     """Per-step training losses of fp32 and bf16 from the same weights on the same batches."""
-    from benchmarks.throughput import synthetic_batches
+    from benchmarks.harness import synthetic_batches
     from iceaggr.training.config import load_config
     from iceaggr.training.trainer import Trainer
 
