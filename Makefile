@@ -60,9 +60,11 @@ test: venv
 	    echo "make test: browser test dependencies missing (see above); that test will be skipped"
 	$(BIN)/python -m pytest
 
+# ruff, then the layer contracts of pyproject.toml's [tool.importlinter] (lint-imports).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 format: venv
 	$(BIN)/ruff check --fix .
