@@ -4,17 +4,35 @@ Ray's ``MLflowLoggerCallback`` writes flat runs with no parent, so the sweep kee
 its own records: the driver makes the parent run, each trial driver finds or
 makes its child run (found again by its ``trial_id`` tag on ``--resume``, so no
 run is duplicated), and the sweep closes every run it left RUNNING when it
-ends, is interrupted or a trial errors.
+ends, is interrupted or a trial errors. Also here: the MLflow UI links the sweep prints,
+:func:`sync_left_over_records` (what dead trial processes could not send), and
+:class:`MlflowWatch`, the driver's watch on its tracking server: trials keep training while the
+server is down (their records are held and sent later, see :mod:`iceaggr.tracking.run_logger`),
+and their warnings land in the trial processes' logs; the watch makes the outage plain in the
+sweep's own console too: it asks the server's ``/health`` every few seconds and logs one
+warning when the server stops answering, a reminder every few minutes, and one line when it
+answers again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from iceaggr.tracking.client import DEFAULT_WAIT_S, PatientClient, get_or_create_experiment
+from iceaggr.tracking.client import (
+    DEFAULT_WAIT_S,
+    REMIND_EVERY_S,
+    PatientClient,
+    get_or_create_experiment,
+    redact_uri,
+)
+from iceaggr.tracking.run_logger import sync_spool
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +210,84 @@ def close_running(uri: str, parent_run_id: str, status: str = "KILLED") -> int:
     if n:
         log.warning("marked %d MLflow run(s) left RUNNING as %s", n, status)
     return n
+
+
+def sync_left_over_records(spool_dir: Path, uri: str) -> None:
+    """Send records that trial processes which died could not deliver to MLflow."""
+    if not spool_dir.exists():
+        return
+    try:
+        sent = sync_spool(spool_dir, uri)
+    except Exception as err:
+        log.error("could not send MLflow records left in %s: %s", spool_dir, err)
+        return
+    if sent:
+        log.warning(
+            "sent MLflow records that ended trial processes had left in %s: %s", spool_dir, sent
+        )
+
+
+class MlflowWatch:
+    """Background health checks of an ``http(s)://`` tracking URI (a no-op for other URIs)."""
+
+    def __init__(self, uri: str, every_s: float = 5.0, remind_s: float = REMIND_EVERY_S) -> None:
+        self.uri = uri
+        self.every_s = every_s
+        self.remind_s = remind_s
+        self.down_since: float | None = None
+        self.outages = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+    def healthy(self) -> bool:
+        url = self.uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status == 200
+        except Exception:
+            return False
+
+    def start(self) -> None:
+        if not self.active or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="mlflow-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        last_remind = 0.0
+        while not self._stop.wait(self.every_s):
+            ok = self.healthy()
+            now = time.monotonic()
+            if not ok and self.down_since is None:
+                self.down_since = last_remind = now
+                self.outages += 1
+                log.warning(
+                    "MLflow tracking server %s is not answering. Trials keep training; their "
+                    "metrics are held (and spooled to disk) and sent once it is back. Restart "
+                    "the server with the same backend store to get them.",
+                    redact_uri(self.uri),
+                )
+            elif not ok and now - last_remind >= self.remind_s:
+                last_remind = now
+                log.warning(
+                    "MLflow tracking server %s still down after %.0f s; metrics are held",
+                    redact_uri(self.uri),
+                    now - (self.down_since or now),
+                )
+            elif ok and self.down_since is not None:
+                log.warning(
+                    "MLflow tracking server %s is back after %.0f s; held metrics are being sent",
+                    redact_uri(self.uri),
+                    now - self.down_since,
+                )
+                self.down_since = None

@@ -42,7 +42,7 @@ from typing import Any
 
 from iceaggr.data.remote import is_uri
 from iceaggr.tracking.client import absolute_tracking_uri, flatten, redact_params, redact_uri
-from iceaggr.tracking.run_logger import RunLogger, sync_spool
+from iceaggr.tracking.run_logger import RunLogger
 from iceaggr.training.config import (
     ExperimentConfig,
     apply_overrides,
@@ -57,7 +57,6 @@ from iceaggr.training.stability_table import write_table
 from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, ray_storage, remote_path
 from iceaggr_tune.early_stop import create_board, rung_reports
 from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
-from iceaggr_tune.mlflow_watch import MlflowWatch
 from iceaggr_tune.options import (
     DataOptions,
     EarlyStopOptions,
@@ -678,7 +677,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     plog = RunLogger(uri, run_id=parent, wait_s=opts.tracking.wait_s)
     plog.log_params({"sweep": {k: v for k, v in asdict(opts).items() if k != "resume"}})
     spool_dir = None if remote_path(opts.storage_path) else sweep_dir / SPOOL_DIR
-    watch = MlflowWatch(uri)
+    watch = mlflow_runs.MlflowWatch(uri)
     watch.start()
     result = SweepResult(name=name, parent_run_id=parent)
     status = "FAILED"
@@ -699,7 +698,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         raise
     finally:
         if spool_dir is not None:
-            _sync_left_over_records(spool_dir, uri)
+            mlflow_runs.sync_left_over_records(spool_dir, uri)
         mlflow_runs.close_running(uri, parent, "KILLED")
         _log_loss_curves(uri, parent, plog, sweep_dir, name)
         plog.terminate(status)
@@ -802,21 +801,6 @@ def _record_search_landscape(run: _Run, results: Any) -> None:
     )
     for artifact in (path, png):
         run.plog.log_artifact(artifact)
-
-
-def _sync_left_over_records(spool_dir: Path, uri: str) -> None:
-    """Send records that trial processes which died could not deliver to MLflow."""
-    if not spool_dir.exists():
-        return
-    try:
-        sent = sync_spool(spool_dir, uri)
-    except Exception as err:
-        log.error("could not send MLflow records left in %s: %s", spool_dir, err)
-        return
-    if sent:
-        log.warning(
-            "sent MLflow records that ended trial processes had left in %s: %s", spool_dir, sent
-        )
 
 
 def _log_loss_curves(uri: str, parent: str, plog: RunLogger, sweep_dir: Path, name: str) -> None:

@@ -116,7 +116,7 @@ class MlflowServer:
         import subprocess
         import time
 
-        from iceaggr_tune.mlflow_watch import MlflowWatch
+        from iceaggr_tune.mlflow_runs import MlflowWatch
 
         self.starts += 1
         log = (self.root / f"server-{self.starts}.log").open("w")

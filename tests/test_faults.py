@@ -286,7 +286,7 @@ def test_mlflow_server_down_during_a_sweep_loses_nothing(
         **{"search.steps": OUTAGE_STEPS},
     )
     sweep_dir = tmp_path / "sweeps" / "mlflow-outage"
-    caplog.set_level(logging.WARNING, logger="iceaggr_tune.mlflow_watch")
+    caplog.set_level(logging.WARNING, logger="iceaggr_tune.mlflow_runs")
 
     def outage(info: dict[str, Any]) -> None:
         _wait_for(
@@ -318,7 +318,7 @@ def test_mlflow_server_down_during_a_sweep_loses_nothing(
     ]
     assert len(during) >= 3, (during, info)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "iceaggr_tune.mlflow_watch"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "iceaggr_tune.mlflow_runs"]
     assert any("not answering" in w for w in warnings), warnings
     assert any("is back" in w for w in warnings), warnings
     assert not list((sweep_dir / "mlflow-spool").glob("*.jsonl")), "records left unsent"
