@@ -154,7 +154,8 @@ class CaseResult:
 def trial_config(data: Path, steps: int) -> Any:
     """The sweep's search-trial config on the CPU preset (``steps`` may shorten it)."""
     from iceaggr_tune.options import SweepOptions
-    from iceaggr_tune.sweep import base_experiment, search_config
+    from iceaggr_tune.search import search_config
+    from iceaggr_tune.sweep import base_experiment
 
     opts = SweepOptions().changed({"data.path": str(data)}).resolved()
     cfg = search_config(base_experiment(opts), opts.search, opts.early_stop)

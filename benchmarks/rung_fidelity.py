@@ -51,7 +51,8 @@ from iceaggr.training.config import ExperimentConfig, to_dict
 from iceaggr.training.trainer import train
 from iceaggr_tune.early_stop import RungBoard
 from iceaggr_tune.options import SearchOptions, SweepOptions
-from iceaggr_tune.sweep import base_experiment, ensure_data, search_config
+from iceaggr_tune.search import search_config
+from iceaggr_tune.sweep import base_experiment, ensure_data
 from iceaggr_tune.trial import TrialSettings, trial_experiment
 
 log = logging.getLogger("benchmarks.rung_fidelity")

@@ -33,9 +33,6 @@ import json
 import logging
 import os
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,46 +51,29 @@ from iceaggr.training.config import (
 )
 from iceaggr.training.probe import CELL_METRIC, COLUMNS, Cell, Column
 from iceaggr.training.stability_table import write_table
-from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, ray_storage, remote_path
-from iceaggr_tune.early_stop import create_board, rung_reports
+from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, remote_path
+from iceaggr_tune.fit import SPOOL_DIR, _settings, _unfinished, fit_part, trial_overhead
 from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
-from iceaggr_tune.options import (
-    DataOptions,
-    EarlyStopOptions,
-    ResourceOptions,
-    SearchOptions,
-    SweepOptions,
-)
+from iceaggr_tune.options import DataOptions, SweepOptions
 from iceaggr_tune.plots import (
     loss_histories,
     plot_loss_curves,
     plot_search_landscape,
     plot_stability_table,
 )
+from iceaggr_tune.search import run_search
 
 __all__ = ["SweepError", "SweepOptions", "SweepResult", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
 SWEEP_STATE = "sweep.json"
-OPTUNA_STUDY = "search"
-SPOOL_DIR = "mlflow-spool"
-"""Folder of a sweep where trials keep MLflow records not sent yet (folder storage)."""
-NODE_SPOOL_DIR = f"~/.cache/iceaggr/{SPOOL_DIR}"
-HELD_OUT_DIR = "held-out-initial"
-"""Folder of a sweep where table cells share the untrained model's held-out score."""
-NODE_HELD_OUT_DIR = f"~/.cache/iceaggr/{HELD_OUT_DIR}"
 REDACTED_USER = "://***@"
-"""What :func:`~iceaggr.tracking.redact_uri` leaves where a URI had credentials."""
+"""What :func:`~iceaggr.tracking.client.redact_uri` leaves where a URI had credentials."""
 
 
 class SweepError(ValueError):
     """A sweep that cannot start or resume as asked; the message says what to do."""
-
-
-def optuna_storage_url(sweep_dir: Path) -> str:
-    """The sweep's Optuna study: ``optuna.load_study(study_name="search", storage=<this>)``."""
-    return f"sqlite:///{sweep_dir / 'optuna.db'}"
 
 
 @dataclass
@@ -216,22 +196,6 @@ def sweep_place(opts: SweepOptions) -> tuple[str, Path, str]:
     return name, sweep_dir, tune_root
 
 
-def max_concurrent_trials(resources: ResourceOptions) -> int:
-    if resources.max_concurrent:
-        return resources.max_concurrent
-    import ray
-
-    res = ray.cluster_resources()
-    workers = resources.workers_per_trial
-    limit = max(1, int((res.get("CPU", 1) - 1) // (resources.cpus_per_worker * workers)))
-    per_trial = {name: amount * workers for name, amount in resources.worker_resources.items()}
-    if resources.use_gpu:
-        per_trial["GPU"] = resources.gpus_per_worker * workers
-    for name, amount in per_trial.items():
-        limit = min(limit, max(1, int(res.get(name, 0) // amount)))
-    return limit
-
-
 # ---------------------------------------------------------------- sweep.json
 
 
@@ -282,106 +246,6 @@ def open_parent_run(opts: SweepOptions, name: str, sweep_dir: Path) -> str:
 # ---------------------------------------------------------------- the two parts
 
 
-def _settings(opts: SweepOptions, base: ExperimentConfig, part: str, parent: str, tune_root: str):
-    from iceaggr_tune.trial import TrialSettings
-
-    root, fs = ray_storage(tune_root)
-    return TrialSettings(
-        base=to_dict(base),
-        part=part,
-        parent_run_id=parent,
-        storage_path=f"{root}/train",
-        storage_filesystem=fs,
-        tracking=opts.tracking,
-        resources=opts.resources,
-        report_every=opts.early_stop.report_every,
-        table=opts.table if part == "table" else None,
-        # Shared with the sweep driver (which sends what dead trials left) when storage is a
-        # folder; with s3:// storage, a folder on each training node (`iceaggr mlflow-sync`).
-        mlflow_spool_dir=NODE_SPOOL_DIR if remote_path(tune_root) else f"{tune_root}/{SPOOL_DIR}",
-        # The untrained score of a table column, shared by its cells (per node on a cluster
-        # with remote storage: each node scores each column once).
-        held_out_cache=(
-            f"{NODE_HELD_OUT_DIR}/{Path(tune_root).name}"
-            if remote_path(tune_root)
-            else f"{tune_root}/{HELD_OUT_DIR}"
-        ),
-    )
-
-
-def _trainable(settings: Any):
-    from ray import tune
-
-    from iceaggr_tune.trial import trial_driver
-
-    return tune.with_resources(tune.with_parameters(trial_driver, settings=settings), {"CPU": 0.01})
-
-
-@dataclass(frozen=True)
-class TrialName:
-    """``<part>_<trial id>``: a trial's name and folder (a class, so Tune can pickle it)."""
-
-    part: str
-
-    def __call__(self, trial: Any) -> str:
-        return f"{self.part}_{trial.trial_id}"
-
-
-def fit_part(
-    part: str,
-    settings: Any,
-    opts: SweepOptions,
-    tune_root: str,
-    param_space: dict[str, Any],
-    **tune_config: Any,
-):
-    """Tune experiment ``part`` under ``tune_root``: restored with --resume where Tune saved
-    it (finished trials are not run again), else built here; returns its ``ResultGrid``."""
-    from ray import tune
-
-    trainable = _trainable(settings)
-    root, fs = ray_storage(tune_root)  # s3:// with AWS_ENDPOINT_URL: Ray gets the filesystem
-    exp_dir = f"{root}/{part}"
-    if opts.resume and tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
-        log.info("resuming %s/%s", tune_root, part)
-        tuner = tune.Tuner.restore(
-            exp_dir,
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=fs,
-        )
-        return tuner.fit()
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent_trials(opts.resources),
-            # A finished trial's driver process (torch, Ray Train and MLflow imported) runs the
-            # next trial instead of a new process starting and importing them again.
-            reuse_actors=True,
-            trial_name_creator=TrialName(part),
-            trial_dirname_creator=TrialName(part),
-            **tune_config,
-        ),
-        run_config=tune.RunConfig(
-            name=part,
-            storage_path=root,
-            storage_filesystem=fs,
-            verbose=1,
-            progress_reporter=_reporter(list(param_space)),
-        ),
-    )
-    return tuner.fit()
-
-
-def _unfinished(results: Any, expected: int) -> int:
-    """Trials an interrupted Tuner left to do (never started, or not in a final state)."""
-    trials = results._experiment_analysis.trials  # statuses are only on the Trial objects
-    open_ = sum(1 for t in trials if t.status not in ("TERMINATED", "ERROR"))
-    return open_ + max(0, expected - len(trials))
-
-
 def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root: str):
     """The stability table: one trial per (learning rate, column, seed) cell, a column being a
     network and its normalization, each built by :func:`iceaggr.probe.probe_config` in the
@@ -427,232 +291,6 @@ def table_cells(results: Any) -> list[Cell]:
         elif r.error is None and metrics.get("completed"):
             log.warning("table trial %s ended without a cell in its last report", r.path)
     return cells
-
-
-def search_config(base: ExperimentConfig, search: SearchOptions, early: EarlyStopOptions):
-    """``base`` as every search trial trains it (before its sampled lr and dropout)."""
-    cfg = copy.deepcopy(base)
-    cfg.model.normalize = True
-    cfg.train.batch_size = search.batch_size
-    cfg.train.max_steps = search.steps
-    cfg.train.warmup_steps = max(1, search.steps // 10)
-    # The trainer reports (validation, checkpoint, early-stopping rung) only at its logging
-    # steps: the logging interval must divide the report interval (25 -> 5, 20 -> 10).
-    every = early.report_every
-    divisors = [d for d in range(1, every // 2 + 1) if every % d == 0]
-    cfg.train.log_every = max(divisors) if divisors else 1
-    # Validation (~6 s of a core per 1,000 events for this project's model) where a decision
-    # reads it: the early-stopping rungs and the last step (Optuna's value); every report with
-    # --validate-every-report.
-    n_reports = max(1, search.steps // every)
-    rungs = rung_reports(min(early.grace_reports, n_reports), early.reduction_factor, n_reports)
-    cfg.train.eval_every = every if early.validate_every_report else 0
-    cfg.train.eval_steps = tuple(r * every for r in rungs)
-    cfg.train.checkpoint_every = early.report_every
-    cfg.data.max_val_events = search.val_events
-    return cfg
-
-
-def warm_start(table: list[Cell] | None, search: SearchOptions, arch: str):
-    """Optuna's first points: the two best learning rates of the table's normalized column of
-    the searched network ``arch`` (the original network's cells say nothing about ours);
-    exploded ones are told to Optuna as penalized points so TPE avoids their region from the
-    start."""
-    from iceaggr_tune.trial import DIVERGED_PENALTY
-
-    points: list[dict[str, float]] = []
-    evaluated: list[dict[str, float]] = []
-    norm = [
-        c
-        for c in table or []
-        if c.model == arch and c.normalize and search.lr_min <= c.lr <= search.lr_max
-    ]
-    # Cells that learned first (they beat the best constant direction), best margin first;
-    # then those whose held-out loss fell.
-    good = sorted(
-        (c for c in norm if c.status in ("ok", "warn")),
-        key=lambda c: (not c.learned, c.vs_const if c.vs_const is not None else c.loss_change),
-    )
-    for c in good[:2]:
-        points.append({"lr": c.lr, "dropout": search.dropout_min})
-    for c in norm:
-        if c.status == "explodes":
-            evaluated.append({"lr": c.lr, "dropout": search.dropout_min})
-    return points, evaluated, [DIVERGED_PENALTY] * len(evaluated)
-
-
-def optuna_searcher(opts: SweepOptions, sweep_dir: Path, table: list[Cell] | None, arch: str):
-    """TPE in a sqlite study next to the sweep (inspect it with optuna-dashboard or
-    ``optuna.load_study``; it survives a restored Tuner), warm-started from the table."""
-    import optuna
-
-    from iceaggr_tune.searcher import ValidatedOptunaSearch
-    from iceaggr_tune.trial import METRIC, MODE
-
-    points, evaluated, rewards = warm_start(table, opts.search, arch)
-    return ValidatedOptunaSearch(
-        metric=METRIC,
-        mode=MODE,
-        study_name=OPTUNA_STUDY,
-        storage=optuna.storages.RDBStorage(optuna_storage_url(sweep_dir)),
-        sampler=optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=max(2, len(points))),
-        points_to_evaluate=(evaluated + points) or None,
-        evaluated_rewards=rewards or None,
-    )
-
-
-@contextmanager
-def early_stop_board(name: str, early: EarlyStopOptions, n_reports: int) -> Iterator[str]:
-    """The search's detached ASHA board actor, killed when the search ends however it ends
-    (it would outlive the driver on a persistent cluster)."""
-    import ray
-
-    board = create_board(
-        name, min(early.grace_reports, n_reports), early.reduction_factor, n_reports
-    )
-    try:
-        yield name
-    finally:
-        ray.kill(board)
-
-
-def run_search(
-    opts: SweepOptions,
-    base: ExperimentConfig,
-    parent: str,
-    tune_root: str,
-    sweep_dir: Path,
-    table: list[Cell] | None,
-):
-    """The Optuna search, its trials stopped early in-trial (see iceaggr_tune.early_stop for
-    why Tune's own ASHAScheduler, which kills trials, is not used with Ray Train V2)."""
-    from ray import tune
-
-    from iceaggr_tune.searcher import sparse_metric_reports
-
-    cfg = search_config(base, opts.search, opts.early_stop)
-    settings = _settings(opts, cfg, "search", parent, tune_root)
-    n_reports = max(1, opts.search.steps // opts.early_stop.report_every)
-    settings.board = f"asha-{sweep_dir.name}-{uuid.uuid4().hex[:8]}"
-    with early_stop_board(settings.board, opts.early_stop, n_reports):
-        searcher = optuna_searcher(opts, sweep_dir, table, cfg.model.arch)
-        space = {
-            "lr": tune.loguniform(opts.search.lr_min, opts.search.lr_max),
-            "dropout": tune.uniform(opts.search.dropout_min, opts.search.dropout_max),
-        }
-        with sparse_metric_reports():  # reports between validations carry no val_angle
-            results = fit_part(
-                "search",
-                settings,
-                opts,
-                tune_root,
-                space,
-                search_alg=searcher,
-                num_samples=opts.search.trials,
-            )
-    return best_trial(results), results, searcher
-
-
-def best_trial(results: Any) -> dict[str, Any] | None:
-    """The finished, not diverged search trial with the lowest validation metric."""
-    from iceaggr_tune.summary import finite_or_none
-    from iceaggr_tune.trial import METRIC
-
-    candidates = [
-        r
-        for r in results
-        if r.error is None
-        and r.metrics
-        and not r.metrics.get("diverged")
-        and finite_or_none(r.metrics.get(METRIC)) is not None
-    ]
-    if not candidates:
-        return None
-    r = min(candidates, key=lambda r: r.metrics[METRIC])
-    return {
-        "lr": float(r.config["lr"]),
-        "dropout": float(r.config["dropout"]),
-        METRIC: float(r.metrics[METRIC]),
-        "steps": int(r.metrics.get("step", 0)),
-        "trial_id": r.metrics.get("trial_id"),
-        "stopped_early": bool(r.metrics.get("stopped_early")),
-    }
-
-
-def _reporter(params: list[str]):
-    from ray import tune
-
-    return tune.CLIReporter(
-        parameter_columns=params,
-        metric_columns=["step", "loss", "val_angle", "max_grad_norm", "diverged", "stopped_early"],
-        max_report_frequency=30,
-    )
-
-
-OVERHEAD_PARTS: dict[str, str] = {
-    "t_driver_setup_s": "MLflow run and config",
-    "t_worker_start_s": "Ray worker-group start",
-    "t_setup_s": "data, model, optimizer",
-    "t_held_out_s": "held-out set",
-    "t_validation_s": "validation",
-    "t_checkpoint_s": "checkpoints",
-    "t_report_s": "reports (MLflow, Ray, early stop)",
-}
-"""Where a trial's time outside the training steps goes: the metrics its last report carries
-(:func:`iceaggr_tune.trial.train_fn_per_worker`) and their labels."""
-WORKER_START_PARTS: dict[str, str] = {
-    "t_ray_schedule_s": "controller, placement, process ready",
-    "t_ray_process_s": "worker process start-up",
-    "t_ray_imports_s": "imports (torch, Ray Train, ours)",
-    "t_ray_dist_init_s": "torch.distributed set-up",
-    "t_ray_other_s": "other (Ray Train context)",
-}
-"""The parts of ``t_worker_start_s`` (:func:`iceaggr_tune.worker_start.start_parts`)."""
-
-
-def trial_overhead(results: Any) -> dict[str, float]:
-    """Per-trial wall time (Tune's ``time_total_s``) minus time inside training steps, with the
-    mean of each part of :data:`OVERHEAD_PARTS` (and of :data:`WORKER_START_PARTS`, inside
-    the worker-group start); ``rest_s`` is what none of them holds (Ray Train's controller and
-    worker shutdown, Tune's bookkeeping, the last report's wait); ``peak_memory_mb`` (mean) and
-    ``peak_memory_mb_max`` what the workers reported."""
-    rows = [
-        r.metrics
-        for r in results
-        if r.metrics
-        and r.metrics.get("completed")
-        and "time_total_s" in r.metrics
-        and "train_seconds" in r.metrics
-    ]
-    if not rows:
-        return {}
-
-    def mean(key: str) -> float:
-        return sum(float(m.get(key, 0.0)) for m in rows) / len(rows)
-
-    wall, train = mean("time_total_s"), mean("train_seconds")
-    out = {
-        "trials": float(len(rows)),
-        "mean_trial_wall_s": wall,
-        "mean_train_step_s": train,
-        "mean_overhead_s": wall - train,
-    }
-    parts = {key: mean(key) for key in OVERHEAD_PARTS}
-    out |= parts
-    out |= {key: mean(key) for key in WORKER_START_PARTS if any(key in m for m in rows)}
-    if any("peak_memory_mb" in m for m in rows):
-        out["peak_memory_mb_max"] = max(float(m.get("peak_memory_mb", 0.0)) for m in rows)
-        out["peak_memory_mb"] = mean("peak_memory_mb")
-    # The worker's own time outside steps and the parts above are disjoint by construction.
-    inside_worker = (
-        mean("t_worker_s")
-        - train
-        - sum(v for k, v in parts.items() if k not in ("t_driver_setup_s", "t_worker_start_s"))
-    )
-    out["t_worker_other_s"] = inside_worker
-    started = parts["t_driver_setup_s"] + parts["t_worker_start_s"]
-    out["rest_s"] = wall - started - mean("t_worker_s")
-    return out
 
 
 # ---------------------------------------------------------------- entry point

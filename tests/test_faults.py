@@ -27,7 +27,8 @@ from conftest import lr_sweep_command, sweep_tracking_uri
 from mlflow.tracking import MlflowClient
 
 from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
-from iceaggr_tune.sweep import OPTUNA_STUDY, SweepOptions, optuna_storage_url, run_sweep
+from iceaggr_tune.search import OPTUNA_STUDY, optuna_storage_url
+from iceaggr_tune.sweep import SweepOptions, run_sweep
 
 if TYPE_CHECKING:
     from conftest import MlflowServer

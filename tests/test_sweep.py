@@ -22,14 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from iceaggr.data.synth import write_synthetic_dataset
 from iceaggr_tune.mlflow_runs import TAG_TRIAL_ID, child_runs
-from iceaggr_tune.sweep import (
-    OPTUNA_STUDY,
-    SweepOptions,
-    base_experiment,
-    optuna_storage_url,
-    run_search,
-    run_sweep,
-)
+from iceaggr_tune.search import OPTUNA_STUDY, optuna_storage_url, run_search
+from iceaggr_tune.sweep import SweepOptions, base_experiment, run_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -12,16 +12,15 @@ import pytest
 from iceaggr.training.config import ConfigError, baseline_config, debug_config, to_dict
 from iceaggr.training.probe import Cell, Column, probe_config
 from iceaggr_tune.options import EarlyStopOptions, SearchOptions, TableOptions
+from iceaggr_tune.search import search_config, warm_start
 from iceaggr_tune.sweep import (
     SWEEP_STATE,
     SweepError,
     SweepOptions,
     base_experiment,
     read_sweep_state,
-    search_config,
     table_columns,
     table_trials,
-    warm_start,
     write_sweep_state,
 )
 from iceaggr_tune.trial import TrialSettings, trial_experiment

@@ -80,7 +80,7 @@ def print_result(opts: Any, result: Any) -> None:
 
 def format_overhead(part: str, over: dict[str, float]) -> str:
     """One part's per-trial time: the wall, the training steps and where the rest went."""
-    from iceaggr_tune.sweep import OVERHEAD_PARTS, WORKER_START_PARTS
+    from iceaggr_tune.fit import OVERHEAD_PARTS, WORKER_START_PARTS
 
     lines = [
         f"\n{part}: {int(over['trials'])} trials, mean wall {over['mean_trial_wall_s']:.1f} s, "
