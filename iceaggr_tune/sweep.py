@@ -24,6 +24,10 @@ interval, table seeds and columns) come from
 ``--resume`` continues an interrupted sweep: Tune restores finished trials from
 its experiment state instead of running them again, and the MLflow runs are found
 again by their ``trial_id`` tags, never duplicated.
+
+The parts live beside this driver: :mod:`iceaggr_tune.table` (the stability table),
+:mod:`iceaggr_tune.search` (the Optuna search), :mod:`iceaggr_tune.fit` (a part as one Tune
+experiment) and :mod:`iceaggr_tune.mlflow_runs` (the sweep's MLflow runs).
 """
 
 from __future__ import annotations
@@ -49,10 +53,10 @@ from iceaggr.training.config import (
     load_config,
     to_dict,
 )
-from iceaggr.training.probe import CELL_METRIC, COLUMNS, Cell, Column
+from iceaggr.training.probe import Cell
 from iceaggr.training.stability_table import write_table
 from iceaggr_tune.cluster import check_cluster_storage, check_ray_auth, remote_path
-from iceaggr_tune.fit import SPOOL_DIR, _settings, _unfinished, fit_part, trial_overhead
+from iceaggr_tune.fit import SPOOL_DIR, _unfinished, trial_overhead
 from iceaggr_tune.mlflow_runs import TAG_BEST_DROPOUT, TAG_BEST_LR
 from iceaggr_tune.options import DataOptions, SweepOptions
 from iceaggr_tune.plots import (
@@ -62,6 +66,7 @@ from iceaggr_tune.plots import (
     plot_stability_table,
 )
 from iceaggr_tune.search import run_search
+from iceaggr_tune.table import run_table, table_seeds, table_trials
 
 __all__ = ["SweepError", "SweepOptions", "SweepResult", "run_sweep"]
 
@@ -244,53 +249,6 @@ def open_parent_run(opts: SweepOptions, name: str, sweep_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------- the two parts
-
-
-def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root: str):
-    """The stability table: one trial per (learning rate, column, seed) cell, a column being a
-    network and its normalization, each built by :func:`iceaggr.probe.probe_config` in the
-    trial and classified where it trained."""
-    from ray import tune
-
-    settings = _settings(opts, base, "table", parent, tune_root)
-    space = {
-        "lr": tune.grid_search(list(opts.table.lrs)),
-        "column": tune.grid_search([c.key for c in table_columns(opts)]),
-        "seed": tune.grid_search(list(range(table_seeds(opts)))),
-    }
-    results = fit_part("table", settings, opts, tune_root, space)
-    return table_cells(results), results
-
-
-def table_seeds(opts: SweepOptions) -> int:
-    seeds = opts.resolved().table.seeds
-    assert seeds is not None  # resolved() fills every resource-dependent default
-    return seeds
-
-
-def table_columns(opts: SweepOptions) -> list[Column]:
-    """The table's columns for ``opts``: those of its networks (default: the original's on
-    CPUs, both on GPUs), the JSON-only ones when ``table.hidden_columns`` (default: on
-    GPUs)."""
-    t = opts.resolved().table
-    return [c for c in COLUMNS if c.arch in (t.models or ()) and (c.shown or t.hidden_columns)]
-
-
-def table_trials(opts: SweepOptions) -> int:
-    """Trials of the table: learning rates x columns x seeds."""
-    return len(opts.table.lrs) * len(table_columns(opts)) * table_seeds(opts)
-
-
-def table_cells(results: Any) -> list[Cell]:
-    """The cells the table trials reported (:meth:`iceaggr.probe.Cell.to_metrics`)."""
-    cells = []
-    for r in results:
-        metrics = r.metrics or {}
-        if r.error is None and CELL_METRIC in metrics:
-            cells.append(Cell.from_metrics(metrics))
-        elif r.error is None and metrics.get("completed"):
-            log.warning("table trial %s ended without a cell in its last report", r.path)
-    return cells
 
 
 # ---------------------------------------------------------------- entry point

@@ -19,10 +19,9 @@ from iceaggr_tune.sweep import (
     SweepOptions,
     base_experiment,
     read_sweep_state,
-    table_columns,
-    table_trials,
     write_sweep_state,
 )
+from iceaggr_tune.table import table_columns, table_trials
 from iceaggr_tune.trial import TrialSettings, trial_experiment
 
 # ---------------------------------------------------------------- the base config
