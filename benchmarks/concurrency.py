@@ -2,7 +2,7 @@
 
 A sweep on CPUs can run P trials at once with T torch threads each (P x T <= cores). This
 script measures every such split on this machine's cores: P processes start together (a
-barrier), each builds a :class:`~iceaggr.train.Trainer` with ``torch.set_num_threads(T)``
+barrier), each builds a :class:`~iceaggr.training.trainer.Trainer` with ``torch.set_num_threads(T)``
 and times ``Trainer.train_step`` (the step the sweep's trials run) on synthetic batches made by
 :func:`benchmarks.harness.synthetic_batches`; the score of a split is the events/s of all
 P processes together (events trained / wall time from the barrier until the last process

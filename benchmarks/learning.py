@@ -3,14 +3,14 @@
 Trains each model, given as an experiment config, on the SAME batches in the SAME order (one
 synthetic dataset, the same ``train.batch_size`` and ``train.seed``), one after another in one
 process with the same number of CPU threads, through the project's own training loop
-(:func:`iceaggr.train.train`: AdamW, warm-up + cosine schedule, gradient clipping, exactly as a
-real run). A report callback scores the model on a fixed held-out set (the first
+(:func:`iceaggr.training.trainer.train`: AdamW, warm-up + cosine schedule, gradient clipping,
+exactly as a real run). A report callback scores the model on a fixed held-out set (the first
 ``--val-events`` events of the last batch file, which training never sees) at log-spaced steps,
-with the competition metric (mean angular error, rad; :func:`iceaggr.losses.angular_distance`),
-and records the mean resultant length R of the predicted unit vectors on the same events (R near
-1: every event gets the same direction, the collapse of DESIGN.md section 7; the true
-directions of the held-out events have R ~0.02). The improved line fit (:mod:`iceaggr.linefit`)
-on the same held-out events is the reference line.
+with the competition metric (mean angular error, rad;
+:func:`iceaggr.models.losses.angular_distance`), and records the mean resultant length R of the
+predicted unit vectors on the same events (R near 1: every event gets the same direction, the
+collapse of DESIGN.md section 7; the true directions of the held-out events have R ~0.02). The
+improved line fit (:mod:`iceaggr.data.linefit`) on the same held-out events is the reference line.
 
 Time is counted for training only: wall seconds (``time.perf_counter``) and CPU seconds of the
 process (``time.process_time``; with one thread and no prefetch thread this is the compute
@@ -28,7 +28,8 @@ Run from the repository root::
         --set train.lr=1e-3 --set train.batch_size=64 --set train.warmup_steps=10 \\
         --set model.dropout=0 --val-events 500 --equal-time-at
 
-``--model LABEL[=CONFIG.yaml]`` (repeatable; no path: :func:`iceaggr.config.baseline_config`),
+``--model LABEL[=CONFIG.yaml]`` (repeatable; no path:
+:func:`iceaggr.training.config.baseline_config`),
 ``--set key=value`` applies to every model, ``--set LABEL:key=value`` to one. The benchmark
 itself fixes the data path, ``train.max_steps=--steps``, CPU, ``log_every=1`` and no
 checkpoints or MLflow. It prints a Markdown table (steps, seconds, validation error per model;
@@ -112,11 +113,12 @@ class Curve:
 
 
 class Recorder:
-    """The report callback of :func:`iceaggr.train.train` that scores the model at checkpoints.
+    """The report callback of :func:`iceaggr.training.trainer.train` that scores the model at
+    checkpoints.
 
     ``train()`` does not hand its model to the callback; a global forward pre-hook catches the
     model at its first forward call (the first training step: the first module with parameters
-    called on a :class:`~iceaggr.batch.DomBatch`; the input audit before it only calls the
+    called on a :class:`~iceaggr.data.batch.DomBatch`; the input audit before it only calls the
     parameter-free normalizer), copies it for the step-0 score, and removes itself. From then on
     the clocks run between callbacks only, so evaluation time is never counted as training time.
     """

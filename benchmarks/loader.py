@@ -1,6 +1,6 @@
 """Loader throughput on one CPU core: parquet files to model-ready batches, project vs naive.
 
-Measures events/s for a full epoch through :class:`iceaggr.loader.EventLoader` (opening the
+Measures events/s for a full epoch through :class:`iceaggr.data.loader.EventLoader` (opening the
 folder, reading and validating the parquet files, shuffling, default truncation, packing into
 ``DomBatch``) next to the way such a loader is usually written first: pandas, one event at a
 time (``df.loc[event_id]``), per-DOM tensors, padded with ``pad_sequence`` (see

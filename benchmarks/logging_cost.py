@@ -1,6 +1,6 @@
 """What a training step pays for MLflow logging: off, a fast server, a server that takes 1 s.
 
-Trains a search trial as the sweep does on CPUs (``iceaggr_tune.sweep.search_config`` of the
+Trains a search trial as the sweep does on CPUs (``iceaggr_tune.search.search_config`` of the
 sweep's base config with the CPU preset: batch 64, a report every 10 steps, validation,
 checkpoint and early-stopping rung every 20) in this process, once per case:
 

@@ -2,7 +2,7 @@
 
 Runs the sweep's search trials to the end, without early stopping, in this process (no Ray):
 the config is the one the sweep builds for a search trial (:func:`iceaggr_tune.sweep.
-base_experiment`, :func:`~iceaggr_tune.sweep.search_config` and
+base_experiment`, :func:`~iceaggr_tune.search.search_config` and
 :func:`iceaggr_tune.trial.trial_experiment` on the default :class:`~iceaggr_tune.options.
 SweepOptions`, resolved for CPU trials: 100 steps of 64 events, warm-up 10, a validation on
 1,000 held-out events every 20 steps), with the learning rate and dropout of each trial taken

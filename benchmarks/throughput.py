@@ -2,7 +2,7 @@
 
 Measures, for every device (CPU always, CUDA when available) and precision (fp32, bf16 autocast):
 
-- training events/s of :meth:`iceaggr.train.Trainer.train_step`, the step training runs
+- training events/s of :meth:`iceaggr.training.trainer.Trainer.train_step`, the step training runs
   (input magnitudes for the divergence guard, forward, the config's loss, backward,
   per-parameter gradient norms, clipping at the config's ``grad_clip``, AdamW and schedule
   step), of the model in ``experiments/iceaggr_baseline/config.yaml`` (d_model 128, 4 DOM +
@@ -23,10 +23,10 @@ Measures, for every device (CPU always, CUDA when available) and precision (fp32
   copy on the device); on CUDA also against assumed H200 numbers (:data:`H200_SPEC`).
 - with ``--compile``, ``torch.compile(model)`` of the packed model (compile time separately;
   a failure is reported with its reason, not raised).
-- with ``--data DIR``, the time :class:`~iceaggr.loader.EventLoader` needs to produce a batch
+- with ``--data DIR``, the time :class:`~iceaggr.data.loader.EventLoader` needs to produce a batch
   from a Kaggle-layout folder, next to the step time (does the loader keep up?).
 
-Batches are synthetic :class:`~iceaggr.batch.DomBatch`es built in memory (no files) whose
+Batches are synthetic :class:`~iceaggr.data.batch.DomBatch`es built in memory (no files) whose
 lengths follow the real distribution after the 3,000-pulse cap (DESIGN.md section 3: mean ~109
 pulses and ~65 hit DOMs per event, ~78% single-pulse DOMs, a heavy tail), see
 :func:`sample_lengths`; features are raw-scale (time ns, charge p.e., xyz m) because the model

@@ -2,10 +2,10 @@
 
 N simulated trials log to one ``mlflow server`` (started here with ``iceaggr mlflow-server``
 on 127.0.0.1, on a sqlite file or on a PostgreSQL server that this script also starts in a
-temporary folder with :class:`iceaggr.pgstore.LocalPostgres`). Each simulated trial does what
-a search trial's :class:`~iceaggr.tracking.RunLogger` does: it creates a run, logs its params
-in one batch, then every ``interval`` seconds one ``log_batch`` of ``metrics`` values at the
-next step, for ``--duration`` seconds (start times spread over the first interval). It does
+temporary folder with :class:`iceaggr.tracking.pgstore.LocalPostgres`). Each simulated trial does
+what a search trial's :class:`~iceaggr.tracking.run_logger.RunLogger` does: it creates a run, logs
+its params in one batch, then every ``interval`` seconds one ``log_batch`` of ``metrics`` values at
+the next step, for ``--duration`` seconds (start times spread over the first interval). It does
 not retry: a failed call is an error, and its points count as lost. Afterwards every metric
 history is read back and counted.
 

@@ -177,7 +177,7 @@ def _mlflow_server(args: argparse.Namespace) -> int:
         # the MLflow app in a pool of 40 threads): with SQLAlchemy's default pool (5 + 10
         # overflow) the 16th concurrent request waits 30 s and fails with "QueuePool limit of
         # size 5 overflow 10 reached". 8 workers x 40 stays under the server's
-        # max_connections (iceaggr.pgstore.MAX_CONNECTIONS).
+        # max_connections (iceaggr.tracking.pgstore.MAX_CONNECTIONS).
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "10")
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "30")
     print(" ".join(cmd), flush=True)

@@ -145,7 +145,7 @@ def plot_loss_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: 
 def plot_stability_table(
     cells: Sequence[Cell], path: str | Path, meta: dict[str, Any] | None = None
 ) -> Path:
-    """``stability_table.png``, the two views of :mod:`iceaggr.stability_table` as coloured
+    """``stability_table.png``, the two views of :mod:`iceaggr.training.stability_table` as coloured
     grids. Top, the reproduction: each of the original network's cells in the original's rule
     beside the published cell (green ✅, amber ⚠️, red ❌). Bottom, what the 20 steps did: each
     cell split in two, stability on the left (green stable, amber ⚠️, red EXPLODES) and

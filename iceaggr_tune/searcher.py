@@ -1,7 +1,7 @@
 """Optuna through Tune when not every report of a trial carries the metric.
 
 A search trial validates only where a decision reads the result (the early-stopping rungs and
-its last step, :func:`iceaggr_tune.sweep.search_config`); its other reports carry the training
+its last step, :func:`iceaggr_tune.search.search_config`); its other reports carry the training
 loss and a checkpoint but no ``val_angle``. Tune's ``OptunaSearch`` reads the metric from every
 result and Tune's controller rejects a result without it, so :class:`ValidatedOptunaSearch`
 passes on only the results that hold the metric, and :func:`sparse_metric_reports` lets Tune

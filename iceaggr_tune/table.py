@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def run_table(opts: SweepOptions, base: ExperimentConfig, parent: str, tune_root: str):
     """The stability table: one trial per (learning rate, column, seed) cell, a column being a
-    network and its normalization, each built by :func:`iceaggr.probe.probe_config` in the
+    network and its normalization, each built by :func:`iceaggr.training.probe.probe_config` in the
     trial and classified where it trained."""
     from ray import tune
 
@@ -55,7 +55,7 @@ def table_trials(opts: SweepOptions) -> int:
 
 
 def table_cells(results: Any) -> list[Cell]:
-    """The cells the table trials reported (:meth:`iceaggr.probe.Cell.to_metrics`)."""
+    """The cells the table trials reported (:meth:`iceaggr.training.probe.Cell.to_metrics`)."""
     cells = []
     for r in results:
         metrics = r.metrics or {}

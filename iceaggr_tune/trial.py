@@ -1,10 +1,10 @@
 """One Tune trial: a function trainable that launches a Ray Train ``TorchTrainer``.
 
 ``trial_driver`` runs as the Tune trial. It turns the sampled hyperparameters into
-a validated :class:`~iceaggr.config.ExperimentConfig` (so a bad value fails before
+a validated :class:`~iceaggr.training.config.ExperimentConfig` (so a bad value fails before
 a worker group is booked), finds or makes the trial's MLflow child run, and fits a
 ``TorchTrainer`` whose workers run :func:`train_fn_per_worker`, i.e. the trainer
-from :mod:`iceaggr.train` with rank, world size and device from Ray Train.
+from :mod:`iceaggr.training.trainer` with rank, world size and device from Ray Train.
 
 Workers report to Tune through ``TuneReportCallback`` every ``report_every`` steps
 (each report waits for the controller's poll), with a checkpoint so a trial (or a
@@ -67,7 +67,7 @@ class TrialSettings:
     groups are the sweep's own :mod:`iceaggr_tune.options` objects."""
 
     base: dict[str, Any]
-    """The base experiment config as a dict (``iceaggr.config.to_dict``)."""
+    """The base experiment config as a dict (``iceaggr.training.config.to_dict``)."""
     part: Literal["table", "search"]
     parent_run_id: str
     storage_path: str
@@ -87,12 +87,12 @@ class TrialSettings:
     """Shared folder for MLflow records a worker could not send yet (None: per checkpoint)."""
     held_out_cache: str | None = None
     """Folder where table cells share the untrained model's held-out score
-    (:mod:`iceaggr.held_out`); None: every cell scores it itself."""
+    (:mod:`iceaggr.training.held_out`); None: every cell scores it itself."""
 
 
 def trial_experiment(settings: TrialSettings, hp: dict[str, Any]) -> ExperimentConfig:
     """The trial's typed config: base config + sampled hyperparameters, validated. A table
-    trial's config is the probe's cell config (:func:`iceaggr.probe.probe_config`)."""
+    trial's config is the probe's cell config (:func:`iceaggr.training.probe.probe_config`)."""
     cfg = from_dict(ExperimentConfig, settings.base, "base config")
     if settings.part == "table":
         if settings.table is None:

@@ -17,8 +17,8 @@ and :func:`start_parts` turns them into the parts of the printed summary (``t_ra
 :class:`TimedTorchConfig` is Ray's ``TorchConfig`` whose backend, for a one-worker group
 (``skip_single_worker``), sets the ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` variables as Ray does
 but creates no ``gloo``/``nccl`` process group: a single worker never communicates, and
-:class:`iceaggr.train.Trainer` only uses ``torch.distributed`` when ``world_size > 1``. Ray's
-own shutdown destroys a process group only for groups of more than one worker, so nothing
+:class:`iceaggr.training.trainer.Trainer` only uses ``torch.distributed`` when ``world_size > 1``.
+Ray's own shutdown destroys a process group only for groups of more than one worker, so nothing
 is left to clean up. Groups of two or more workers get Ray's set-up unchanged (timed).
 
 This module imports only Ray Train's torch config (the controller actor imports it anyway).

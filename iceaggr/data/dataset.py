@@ -11,9 +11,9 @@ Every problem is reported as a :class:`DatasetError` whose message names the
 file, the column and the offending value and says what to do. Nothing is
 silently dropped: a batch file either validates completely or is refused.
 
-The folder may be a URI, ``s3://bucket/prefix`` (:mod:`iceaggr.remote`). Opening reads
+The folder may be a URI, ``s3://bucket/prefix`` (:mod:`iceaggr.data.remote`). Opening reads
 ``sensor_geometry.csv``, fetches ``train_meta.parquet`` into this node's
-:class:`~iceaggr.cache.FileCache` (once per node; every reader needs its rows) and lists
+:class:`~iceaggr.data.cache.FileCache` (once per node; every reader needs its rows) and lists
 ``train/``; :meth:`KaggleDataset.preflight` reads each batch file's footer with ranged
 requests; :meth:`KaggleDataset.read_batch` fetches the batch file it reads into the cache
 (once per node). Errors name the ``s3://`` object as they name a file of a folder.
@@ -156,7 +156,7 @@ class KaggleDataset:
     Opening checks the folder, the geometry and the metadata schema; each batch
     file is checked in full when it is read (:meth:`read_batch`). ``root`` may be an
     ``s3://`` URI; ``cache`` is where its files are kept on this node (default:
-    :class:`~iceaggr.cache.FileCache`'s folder and limit; unused for a folder).
+    :class:`~iceaggr.data.cache.FileCache`'s folder and limit; unused for a folder).
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """An IceCube-86-like detector geometry, generated from named constants.
 
-The synthetic data (:mod:`iceaggr.synth`) needs DOM positions that look like the real detector's
-(spacing, extent, the dense DeepCore centre) without shipping the real file. This module builds
-them from the layout rules of IceCube-86:
+The synthetic data (:mod:`iceaggr.data.synth`) needs DOM positions that look like the real
+detector's (spacing, extent, the dense DeepCore centre) without shipping the real file. This module
+builds them from the layout rules of IceCube-86:
 
 * 78 standard strings on a triangular lattice with ~125 m spacing, in ten rows of
   6, 7, 8, 9, 10, 10, 9, 8, 7 and 4 strings, numbered row by row as the real strings 1-78 are;

@@ -1,4 +1,4 @@
-"""From validated batch files to packed, model-ready :class:`~iceaggr.batch.DomBatch`es.
+"""From validated batch files to packed, model-ready :class:`~iceaggr.data.batch.DomBatch`es.
 
 Order and sharding (per epoch, all derived from ``seed`` and the epoch number):
 

@@ -1,10 +1,10 @@
 """Datasets in object storage: ``s3://bucket/prefix`` (and other URIs pyarrow knows).
 
-:func:`data_path` turns a ``--data`` value into what :class:`iceaggr.dataset.KaggleDataset`
+:func:`data_path` turns a ``--data`` value into what :class:`iceaggr.data.dataset.KaggleDataset`
 walks: a :class:`pathlib.Path` for a folder, a :class:`UriPath` for a URI. A ``UriPath``
 answers the few questions the reader asks of a path (``/``, ``name``, ``is_dir``,
 ``is_file``, ``iterdir``) through a ``pyarrow.fs`` filesystem, and prints as its URI, so
-every :class:`~iceaggr.dataset.DatasetError` names the object as the user wrote it.
+every :class:`~iceaggr.data.dataset.DatasetError` names the object as the user wrote it.
 
 S3 (:func:`s3_filesystem`):
 

@@ -1,10 +1,10 @@
 """The hierarchical DOM/event transformer that reconstructs a neutrino's arrival direction.
 
-Pulses -> :class:`~iceaggr.normalization.InputNormalizer` -> pulse embedding -> DOM transformer
-over each DOM's pulses -> masked-mean pool -> + geometry embedding + DOM-summary embedding ->
-event transformer over the event's DOMs -> masked-mean pool (+ an embedding of the event-mean DOM
-summaries) -> MLP head, plus a linear readout of the event's moment direction (the line fit's
-direction, see ``IceAggrModel.__init__``) -> unit direction and a von Mises-Fisher
+Pulses -> :class:`~iceaggr.models.normalization.InputNormalizer` -> pulse embedding -> DOM
+transformer over each DOM's pulses -> masked-mean pool -> + geometry embedding + DOM-summary
+embedding -> event transformer over the event's DOMs -> masked-mean pool (+ an embedding of the
+event-mean DOM summaries) -> MLP head, plus a linear readout of the event's moment direction (the
+line fit's direction, see ``IceAggrModel.__init__``) -> unit direction and a von Mises-Fisher
 concentration ``kappa``.
 
 Sequences vary wildly in length (~78% of DOMs hold one pulse, a few hold hundreds; events hold 1
@@ -59,9 +59,9 @@ class ModelConfig:
 
     arch: Literal["iceaggr", "original"] = "iceaggr"
     """"iceaggr": :class:`IceAggrModel`, this project's pre-LN hierarchical transformer with DOM
-    summaries and a kappa head. "original": :class:`~iceaggr.original.OriginalModel`, the original
-    project's first hierarchical network (post-LN DOM layers fed the four raw pulse features
-    through one Linear; no kappa head), on which the stability table was measured."""
+    summaries and a kappa head. "original": :class:`~iceaggr.models.original.OriginalModel`, the
+    original project's first hierarchical network (post-LN DOM layers fed the four raw pulse
+    features through one Linear; no kappa head), on which the stability table was measured."""
 
     d_model: int = 128
     """Width of pulse, DOM and event tokens; ~1.6M parameters at the defaults."""

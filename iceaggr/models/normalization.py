@@ -5,12 +5,13 @@ DOM geometry and the per-DOM summary features alike. Each feature has a row in a
 (:data:`PULSE_TRANSFORMS`, :data:`GEOMETRY_TRANSFORMS`, :data:`SUMMARY_TRANSFORMS`) giving its
 unit and its normalized form; the constants are named once below with their origin. With
 ``normalize=False`` every feature reaches the network in its raw units (time ~1e4 ns, charge up
-to thousands of p.e.). That is not the original failure: :class:`~iceaggr.model.IceAggrModel`'s
-pre-LN blocks normalize each token before attention and largely absorb raw scales. The stability
-table was measured on the original project's first network, whose post-LN DOM layers take raw
-scales straight into attention; it lives in :mod:`iceaggr.original` with its own table of
-transforms (``model.arch: original``). The original project kept one side path outside its
-normalizer and diverged at step ~700; here no feature can skip the switch.
+to thousands of p.e.). That is not the original failure:
+:class:`~iceaggr.models.model.IceAggrModel`'s pre-LN blocks normalize each token before attention
+and largely absorb raw scales. The stability table was measured on the original project's first
+network, whose post-LN DOM layers take raw scales straight into attention; it lives in
+:mod:`iceaggr.models.original` with its own table of transforms (``model.arch: original``). The
+original project kept one side path outside its normalizer and diverged at step ~700; here no
+feature can skip the switch.
 
 Usage::
 

@@ -2,7 +2,7 @@
 
 DESIGN.md section 7 describes it; this module rebuilds it so that the table's "before
 normalization" column can be reproduced on the network that produced it. It differs from
-:class:`~iceaggr.model.IceAggrModel` where that matters for stability:
+:class:`~iceaggr.models.model.IceAggrModel` where that matters for stability:
 
 - **T1, the DOM transformer**: the four raw pulse features ``[time ns, charge p.e., sensor_id,
   auxiliary]`` go through one ``Linear(4 -> d_model)`` straight into attention. Its layers are
@@ -23,12 +23,12 @@ per-parameter gradient reports read like the original diagnosis. Linear layers k
 default initialization, as in the original.
 
 Inputs pass through :class:`OriginalInputNormalizer`, a table of per-feature transforms
-(:data:`ORIGINAL_PULSE_TRANSFORMS`, and :data:`~iceaggr.normalization.GEOMETRY_TRANSFORMS`)
+(:data:`ORIGINAL_PULSE_TRANSFORMS`, and :data:`~iceaggr.models.normalization.GEOMETRY_TRANSFORMS`)
 behind the ``normalize`` switch: the original's fix. Every input of the network goes through
 it; there is no second path (the original's chunked T1 path kept feeding raw features after the
 fix).
 
-Attention reuses :class:`~iceaggr.model.SeqLayout` (length buckets; ``attention="padded"`` is
+Attention reuses :class:`~iceaggr.models.model.SeqLayout` (length buckets; ``attention="padded"`` is
 the plain reference, every sequence padded to the batch maximum). Dropout acts on residual
 branches and the FFN hidden layer, not on attention probabilities (the original's T2 also
 dropped attention weights): the length-1 shortcut of the packed layout stays exact.

@@ -146,7 +146,7 @@ class LocalPostgres:
         conf = self.data / "postgresql.conf"
         with conf.open("a") as f:
             f.write(
-                "\n# iceaggr: Unix socket only, owner only (iceaggr/pgstore.py)\n"
+                "\n# iceaggr: Unix socket only, owner only (iceaggr/tracking/pgstore.py)\n"
                 "listen_addresses = ''\n"
                 f"unix_socket_directories = '{self.socket_dir}'\n"
                 "unix_socket_permissions = 0700\n"

@@ -74,8 +74,9 @@ class TrainConfig:
     lr 3e-4 (its ⚠️ row) and 4.3e8 at 1e-3, against ~1 with normalized inputs."""
     collapse_resultant: float = COLLAPSE_RESULTANT
     """A run whose last validation has a mean resultant length R of its unit predictions at
-    or above this is *collapsed* (one direction for every event; :mod:`iceaggr.collapse`):
-    MLflow tag ``collapsed=true``. Why 0.9: see :data:`iceaggr.collapse.COLLAPSE_RESULTANT`."""
+    or above this is *collapsed* (one direction for every event;
+    :mod:`iceaggr.training.collapse`): MLflow tag ``collapsed=true``. Why 0.9: see
+    :data:`iceaggr.training.collapse.COLLAPSE_RESULTANT`."""
     input_audit_batches: int = 2
     """Batches whose model inputs are audited before training."""
     input_audit_threshold: float = 100.0

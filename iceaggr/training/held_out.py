@@ -11,8 +11,8 @@ lock, the others wait for it and read it. Each stored score carries the hash of 
 differently refuses the stored score (:class:`HeldOutMismatch`) rather than use another
 model's score.
 
-Used by :class:`iceaggr.train.Trainer` (``held_out_cache``), so both ``iceaggr probe`` and the
-sweep's table trials (cells in separate processes) share it.
+Used by :class:`iceaggr.training.trainer.Trainer` (``held_out_cache``), so both ``iceaggr probe``
+and the sweep's table trials (cells in separate processes) share it.
 """
 
 from __future__ import annotations

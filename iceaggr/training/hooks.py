@@ -1,6 +1,6 @@
 """What a training run tells the outside world: the :class:`Hook` protocol and two plain hooks.
 
-A :class:`~iceaggr.train.Trainer` calls every hook, in the order given, at these points:
+A :class:`~iceaggr.training.trainer.Trainer` calls every hook, in the order given, at these points:
 
 * ``on_start(trainer)``: once, before the first step (the trainer is built, resumed and
   its input audit done: ``trainer.result.input_audit``, ``trainer.start_step``);
@@ -12,7 +12,7 @@ A :class:`~iceaggr.train.Trainer` calls every hook, in the order given, at these
 * ``on_diverged(report, metrics, step)``: once, when the divergence guard finds a
   non-finite loss, prediction or gradient (``metrics`` holds the loss and gradient norm of
   ``step``, the step at which it was found; ``report.step`` is the first bad one);
-* ``on_end(result)``: once, with the finished :class:`~iceaggr.train.TrainResult`.
+* ``on_end(result)``: once, with the finished :class:`~iceaggr.training.results.TrainResult`.
 
 Hooks must not change ``metrics`` in place (every hook gets the same dict). The MLflow hook
 lives in :mod:`iceaggr.tracking`, the Ray Tune one in ``iceaggr_tune.trial``.

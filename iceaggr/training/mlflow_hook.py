@@ -24,7 +24,7 @@ TAG_DIVERGED_AT_STEP = "diverged_at_step"
 TAG_DIVERGENCE_REASON = "divergence_reason"
 TAG_COLLAPSED = "collapsed"
 """``true`` when the run's last validation had R >= ``train.collapse_resultant`` (one output
-direction for every event, :mod:`iceaggr.collapse`); ``val_resultant`` is the R itself."""
+direction for every event, :mod:`iceaggr.training.collapse`); ``val_resultant`` is the R itself."""
 # The first step a resumed or restarted run trained (its curve continues from there).
 TAG_RESUMED_FROM_STEP = "resumed_from_step"
 

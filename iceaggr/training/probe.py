@@ -6,7 +6,7 @@ clipping at 1.0 (after the gradient norms are recorded), batch 256 and the angul
 loss. Every cell of a seed sees the same batches.
 
 The table's columns (:data:`COLUMNS`) run the **original project's network**
-(``model.arch: original``, :mod:`iceaggr.original`) with raw and with normalized inputs, as
+(``model.arch: original``, :mod:`iceaggr.models.original`) with raw and with normalized inputs, as
 the original table did, and this project's model with raw inputs beside them (and normalized,
 in the JSON only).
 
@@ -142,7 +142,7 @@ class Cell:
     status the published table would have given this cell."""
     resultant_initial: float | None = None
     """Mean resultant length R of the held-out predictions before the first step (1: one
-    direction for every event; :mod:`iceaggr.collapse`)."""
+    direction for every event; :mod:`iceaggr.training.collapse`)."""
     resultant_final: float | None = None
     """The same after the last step (None when the cell exploded)."""
     target_resultant: float | None = None
@@ -158,7 +158,7 @@ class Cell:
     """Finite throughout, and no parameter's pre-clip gradient norm above the ⚠️ threshold."""
     learned: bool = False
     """The held-out error fell during the steps and ends below the best constant direction's,
-    each by more than two paired standard errors (:func:`iceaggr.collapse.learned`): a
+    each by more than two paired standard errors (:func:`iceaggr.training.collapse.learned`): a
     collapsed network turning toward the held-out mean fails the second test, a network that
     starts good (this project's model starts from each event's moment direction) and does not
     move fails the first."""
@@ -329,7 +329,7 @@ def run_probe(
 ) -> list[Cell]:
     """Every cell in this process: for each learning rate, each column, each seed (the base
     seed, +1, ...); the cells of a column and seed share the untrained model's held-out score
-    (:mod:`iceaggr.held_out`)."""
+    (:mod:`iceaggr.training.held_out`)."""
     cells = []
     with tempfile.TemporaryDirectory(prefix="iceaggr-probe-") as tmp:
         for lr in lrs:

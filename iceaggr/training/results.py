@@ -27,7 +27,7 @@ class TrainResult:
     """Events in the fixed held-out set."""
     fixed_batch_initial_shared: bool = False
     """``fixed_batch_loss_initial`` was read from a held-out cache (computed by another run
-    from the same initial weights; :mod:`iceaggr.held_out`)."""
+    from the same initial weights; :mod:`iceaggr.training.held_out`)."""
     fixed_batch_change_stderr: float | None = None
     """Standard error of the final-minus-initial loss change over those events (paired: the
     spread of the per-event changes / sqrt(events)); None after a resume or a divergence."""
@@ -36,8 +36,8 @@ class TrainResult:
     val_angle: float | None = None
     """Mean angular error (rad) on the validation files: the competition metric."""
     val_collapse: dict[str, float] | None = None
-    """Collapse signals of the last validation (:class:`~iceaggr.collapse.CollapseStats`: R of
-    the predictions, the best constant direction's error on the same events...)."""
+    """Collapse signals of the last validation (:class:`~iceaggr.training.collapse.CollapseStats`: R
+    of the predictions, the best constant direction's error on the same events...)."""
     collapsed: bool | None = None
     """The last validation's R >= ``train.collapse_resultant`` (None: never validated)."""
     fixed_collapse_initial: dict[str, float] | None = None

@@ -1,4 +1,4 @@
-"""The stability table in two views, from the same probe cells (:mod:`iceaggr.probe`).
+"""The stability table in two views, from the same probe cells (:mod:`iceaggr.training.probe`).
 
 1. **Reproduction** (:func:`format_reproduction`): the original's own measure, the last minus
    the first training-batch loss, under the original's rule (✅ fell with tame gradients, ⚠️ fell

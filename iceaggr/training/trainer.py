@@ -466,8 +466,8 @@ def train(
     """Train ``cfg``; returns a :class:`TrainResult` (diverged runs return, never raise).
 
     ``report`` is a plain callback run as a hook after ``hooks``; rank 0 logs to MLflow (an
-    :class:`~iceaggr.tracking.MlflowHook`, first) when ``train.mlflow_tracking_uri`` is set
-    and ``hooks`` holds none, and shows a progress bar when ``progress``.
+    :class:`~iceaggr.training.mlflow_hook.MlflowHook`, first) when ``train.mlflow_tracking_uri`` is
+    set and ``hooks`` holds none, and shows a progress bar when ``progress``.
     """
     all_hooks = list(hooks)
     if report is not None:

@@ -108,7 +108,7 @@ def generate_events(
 
     Args:
         rng: the random generator (the result is a pure function of its state).
-        geometry: ``sensor_id, x, y, z`` as from :func:`iceaggr.geometry.make_geometry`.
+        geometry: ``sensor_id, x, y, z`` as from :func:`iceaggr.data.geometry.make_geometry`.
         n_events: number of events to return (>= 1).
         first_event_id: id of the first candidate.
 
