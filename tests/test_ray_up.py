@@ -221,11 +221,13 @@ def write_aws_profile(home: Path, server: S3Server) -> None:
 
 
 @pytest.mark.slow
-def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, s3_dataset, tmp_path):
+def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, s3_dataset, small_dataset, tmp_path):
     from mlflow import MlflowClient
 
     from iceaggr.cache import DEFAULT_CACHE_DIR, FileCache
     from iceaggr.dataset import META_FILE
+    from iceaggr.linefit import line_fit_dataset
+    from iceaggr_tune.options import SweepOptions
 
     s3, data_uri = s3_dataset
     ray = str(Path(sys.executable).with_name("ray"))
@@ -276,6 +278,11 @@ def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, s3_dataset, tmp_path):
         cache = FileCache(sshd.home / DEFAULT_CACHE_DIR.removeprefix("~/"))
         cached = {p.name.rsplit("-", 1)[-1] for p in cache.entries()}
         assert {META_FILE, "batch_1.parquet", "batch_3.parquet"} <= cached, cached
+        # The summary scored the line fit on the validation events it read from the bucket:
+        # the line fit of the same events in the folder that was uploaded.
+        val_events = SweepOptions.smoke().search.val_events
+        fit = line_fit_dataset(small_dataset, max_events=val_events, batch_ids=[3])
+        assert f"; line fit {fit['mean_angular_error']:.4f} rad; random" in job, job[-3000:]
         status = _run([ray, "job", "list", "--address", dashboard], env, 120)
         assert "SUCCEEDED" in status, status[-3000:]
         client = MlflowClient(tracking_uri=mlflow_url)
