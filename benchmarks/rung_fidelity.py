@@ -178,7 +178,7 @@ def format_report(doc: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="dataset folder (default: the sweep's)")
-    p.add_argument("--trials", type=int, default=None, help="default: the sweep's (8)")
+    p.add_argument("--trials", type=int, default=None, help="default: the sweep's (4 on CPUs)")
     p.add_argument("--seed", type=int, default=0, help="permutation of the dropout strata")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

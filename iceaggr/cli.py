@@ -262,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=_probe)
 
     lf = sub.add_parser("linefit", help="score the line-fit baseline on a dataset")
-    lf.add_argument("--data", default="data/synthetic")
+    lf.add_argument(
+        "--data",
+        default="data/synthetic",
+        help="Kaggle-layout folder, or s3://bucket/prefix (files fetched into "
+        "~/.cache/iceaggr/data; AWS_ENDPOINT_URL names an S3-compatible server)",
+    )
     lf.add_argument("--max-events", type=int, default=None)
     lf.set_defaults(fn=_linefit)
 

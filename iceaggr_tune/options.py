@@ -30,6 +30,7 @@ ASHA_REDUCTION_FACTOR = 2
 class ResourcePreset:
     """Defaults that depend on where trials train; an explicit flag always wins."""
 
+    search_trials: int
     search_steps: int
     search_batch_size: int
     report_every: int
@@ -39,7 +40,8 @@ class ResourcePreset:
 
 
 CPU_PRESET = ResourcePreset(
-    search_steps=100,
+    search_trials=4,
+    search_steps=60,
     search_batch_size=64,
     report_every=20,
     table_seeds=1,
@@ -55,6 +57,7 @@ seed: each full-size cell costs ~2 minutes of a core, and this project's columns
 half again to the main job.
 """
 GPU_PRESET = ResourcePreset(
+    search_trials=8,
     search_steps=300,
     search_batch_size=256,
     report_every=50,
@@ -200,10 +203,10 @@ class TableOptions:
 class SearchOptions:
     """Optuna search: TPE over learning rate and dropout of the normalized model."""
 
-    trials: int = 8
-    """Optuna trials."""
+    trials: int | None = None
+    """Optuna trials; default: 4 when trials train on CPUs, 8 on GPUs."""
     steps: int | None = None
-    """Training steps per search trial; default: 100 when trials train on CPUs, 300 on
+    """Training steps per search trial; default: 60 when trials train on CPUs, 300 on
     GPUs."""
     batch_size: int | None = field(default=None, metadata={FLAG: "search-batch-size"})
     """Events per batch of a search step; default: 64 on CPUs, 256 (the baseline's) on GPUs."""
@@ -220,8 +223,10 @@ class SearchOptions:
     read them)."""
 
     def __post_init__(self) -> None:
-        _require(self, 1, "trials", "val_events")
-        _require(self, 1, *(n for n in ("steps", "batch_size") if getattr(self, n) is not None))
+        _require(self, 1, "val_events")
+        _require(
+            self, 1, *(n for n in ("trials", "steps", "batch_size") if getattr(self, n) is not None)
+        )
         if not 0 < self.lr_min < self.lr_max:
             raise OptionError(
                 ("lr_min", "lr_max"), f"need 0 < lr_min < lr_max, got {self.lr_min}, {self.lr_max}"
@@ -332,6 +337,7 @@ class SweepOptions:
         :func:`preset_for` the trials' resources (CPU or GPU)."""
         preset = preset_for(self.resources.use_gpu)
         defaults = {
+            "search.trials": preset.search_trials,
             "search.steps": preset.search_steps,
             "search.batch_size": preset.search_batch_size,
             "early_stop.report_every": preset.report_every,

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iceaggr.training.collapse import COLLAPSE_RESULTANT
 from iceaggr_tune.trial import DIVERGED_PENALTY, METRIC
+
+if TYPE_CHECKING:
+    from iceaggr.data.cache import FileCache
 
 RANDOM_GUESS_RAD = math.pi / 2
 """Mean angular error of a random direction (rad)."""
@@ -66,12 +69,15 @@ def search_rows(results: Any) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["trial"])
 
 
-def reference_errors(data: str | Path, val_batch_ids: list[int], events: int) -> dict[str, float]:
+def reference_errors(
+    data: str | Path, val_batch_ids: list[int], events: int, cache: FileCache | None = None
+) -> dict[str, float]:
     """The line fit's and random guessing's mean angular error (rad) on the first ``events``
-    events of the validation files (the trials' validation events)."""
+    events of the validation files (the trials' validation events). An ``s3://`` dataset is
+    read through ``cache`` (the node's data cache, where the trials read it too)."""
     from iceaggr.data.linefit import line_fit_dataset
 
-    fit = line_fit_dataset(data, max_events=events, batch_ids=val_batch_ids)
+    fit = line_fit_dataset(data, max_events=events, batch_ids=val_batch_ids, cache=cache)
     return {"line fit": fit["mean_angular_error"], "random": RANDOM_GUESS_RAD}
 
 

@@ -379,9 +379,10 @@ def _record_search_landscape(run: _Run, results: Any) -> None:
     result = run.result
     result.search_trials = search_rows(results)
     try:
-        _, val_ids = split_batch_ids(run.base.data.open().batch_ids, 1)
+        dataset = run.base.data.open()  # an s3:// one reads through the node's data cache
+        _, val_ids = split_batch_ids(dataset.batch_ids, 1)
         result.references = reference_errors(
-            run.base.data.path, val_ids, run.opts.search.val_events
+            run.base.data.path, val_ids, run.opts.search.val_events, cache=dataset.cache
         )
     except Exception as err:  # the summary is still useful without the reference lines
         log.warning("could not score the line fit on the validation events: %s", err)

@@ -143,8 +143,8 @@ def test_help_comes_from_the_field_docstrings(capsys: pytest.CaptureFixture[str]
         parse(["--help"])
     assert info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--trials TRIALS Optuna trials. (default: 8)" in out
-    assert "--steps STEPS Training steps per search trial; default: 100 when trials" in out
+    assert "--trials TRIALS Optuna trials; default: 4 when trials train on CPUs, 8 on GPUs." in out
+    assert "--steps STEPS Training steps per search trial; default: 60 when trials" in out
     assert "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)" in out
     assert "--worker-resource NAME=AMOUNT Custom Ray resource" in out
     assert "--table-only only the stability table" in out
@@ -262,18 +262,20 @@ def test_with_changes_works_on_any_option_tree() -> None:
 
 def test_resource_dependent_defaults_follow_the_trials_resources() -> None:
     cpu = SweepOptions().resolved()
-    assert (cpu.search.steps, cpu.search.batch_size) == (100, 64)
+    assert (cpu.search.trials, cpu.search.steps, cpu.search.batch_size) == (4, 60, 64)
     assert (cpu.early_stop.report_every, cpu.table.seeds) == (20, 1)
     assert (cpu.table.models, cpu.table.hidden_columns) == (("original",), False)
     gpu = parse(["--gpus-per-worker", "0.25"]).resolved()
-    assert (gpu.search.steps, gpu.search.batch_size) == (300, 256)
+    assert (gpu.search.trials, gpu.search.steps, gpu.search.batch_size) == (8, 300, 256)
     assert (gpu.early_stop.report_every, gpu.table.seeds) == (50, 3)
     assert (gpu.table.models, gpu.table.hidden_columns) == (("original", "iceaggr"), True)
     off = parse(["--gpus-per-worker", "1", "--no-table-hidden-columns"]).resolved()
     assert off.table.hidden_columns is False
     # An explicit flag wins over either preset; resolving twice changes nothing.
-    mine = parse(["--gpus-per-worker", "1", "--steps", "40", "--report-every", "4"]).resolved()
-    assert (mine.search.steps, mine.early_stop.report_every) == (40, 4)
+    mine = parse(
+        ["--gpus-per-worker", "1", "--steps", "40", "--report-every", "4", "--trials", "3"]
+    ).resolved()
+    assert (mine.search.steps, mine.early_stop.report_every, mine.search.trials) == (40, 4, 3)
     assert mine.search.batch_size == 256
     assert mine.resolved() == mine
     # The smoke preset sets every one of them.

@@ -1,4 +1,4 @@
-"""Tests for iceaggr.config: YAML <-> typed dataclasses, overrides, validation, shipped YAMLs."""
+"""Tests for iceaggr.training.config: YAML <-> dataclasses, overrides, validation, shipped YAMLs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for iceaggr.dataset: the Kaggle-layout reader accepts good folders and refuses bad ones.
+"""Tests for iceaggr.data.dataset: the Kaggle-layout reader accepts good folders, refuses bad ones.
 
 Every malformed case is a real file: a small synthetic dataset is written once per module, each
 test copies it and rewrites one file (pandas/pyarrow, or raw bytes for corruption), then checks

@@ -1,4 +1,4 @@
-"""Tests for iceaggr.geometry: the IceCube-86-like detector built from named constants."""
+"""Tests for iceaggr.data.geometry: the IceCube-86-like detector built from named constants."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for iceaggr.linefit: exact tracks, outliers, degenerate events, synthetic-data score."""
+"""Tests for iceaggr.data.linefit: exact tracks, outliers, degenerate events, synthetic score."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for iceaggr.loader: sharding, file-aware shuffling, truncation, resume, prefetch, packing.
+"""Tests for iceaggr.data.loader: sharding, shuffling, truncation, resume, prefetch, packing.
 
 Checked against real parquet files: a small synthetic dataset (6 batch files, made once per
 module) and a hand-built batch file holding a 120,000-pulse event. Every yielded batch is compared

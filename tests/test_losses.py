@@ -1,4 +1,4 @@
-"""Tests for iceaggr.losses against float64 closed forms, gradients included."""
+"""Tests for iceaggr.models.losses against float64 closed forms, gradients included."""
 
 from __future__ import annotations
 

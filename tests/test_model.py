@@ -1,4 +1,4 @@
-"""Tests for the hierarchical transformer (iceaggr.model) and its input normalization."""
+"""Tests for the hierarchical transformer (iceaggr.models.model) and its input normalization."""
 
 from __future__ import annotations
 

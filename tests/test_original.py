@@ -1,4 +1,4 @@
-"""Tests for the original project's first network (iceaggr.original, ``model.arch: original``).
+"""Tests for the original project's first network (iceaggr.models.original, arch ``original``).
 
 Covers: parameter names and count as in the original, each layer against the PyTorch layer it
 stands for, packed == padded attention (outputs and gradients, float64), what reaches the first

@@ -1,4 +1,4 @@
-"""Tests for the stability probe (iceaggr.probe) and the ``iceaggr`` command line.
+"""Tests for the stability probe (iceaggr.training.probe) and the ``iceaggr`` command line.
 
 The table layout is pinned to DESIGN.md section 6; the probe and the CLI run for real on a small
 synthetic dataset with the debug model (3 steps per cell).
@@ -394,3 +394,26 @@ def test_train_from_config_script(small_dataset: Path, tmp_path: Path) -> None:
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 2
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_a_model_that_starts_good_has_learned_but_not_improved() -> None:
+    # This project's model with the moment prior: far below the best constant direction from
+    # its start, and the steps move it by less than two paired standard errors.
+    result = TrainResult(
+        steps=20,
+        fixed_batch_loss_initial=1.2079,
+        fixed_batch_loss_final=1.2095,
+        fixed_batch_change_stderr=0.0011,
+        max_grad_norm=0.3,
+        fixed_collapse_initial={"resultant": 0.04, "target_resultant": 0.03, "const_angle": 1.53},
+        fixed_collapse_final={"resultant": 0.025, "margin": -0.3216, "margin_stderr": 0.0307},
+    )
+    cfg = probe_config(debug_config("d"), 1e-3, False, steps=20, batch_size=32, arch="iceaggr")
+    cell = cell_from_result(cfg, result)
+    assert (cell.stable, cell.learned, cell.improved, cell.collapsed) == (True, True, False, False)
+    # The same change beyond two standard errors is an improvement; a margin within two
+    # standard errors of the constant is not learning.
+    result.fixed_batch_loss_final, result.fixed_batch_change_stderr = 1.1879, 0.005
+    result.fixed_collapse_final = {"resultant": 0.999, "margin": -0.05, "margin_stderr": 0.03}
+    cell = cell_from_result(cfg, result)
+    assert (cell.learned, cell.improved, cell.collapsed) == (False, True, True)

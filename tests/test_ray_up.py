@@ -5,6 +5,15 @@ client key (it needs root, as CI has), whose logins get a scratch ``HOME``; it t
 user's commands: ``ray up -y``, ``ray job submit`` of a smoke sweep, reads the sweep's runs
 back from the MLflow server that the head started, and ``ray down -y``.
 
+The sweep's dataset is in an S3-compatible server, as cluster-onprem.yaml describes for one:
+the test starts moto's server on 127.0.0.1 (its ``s3_dataset`` fixture, which stops it at the
+end) and uploads the smoke sweep's synthetic dataset (1,500 events) into a bucket; the job
+reads ``--data s3://<bucket>/smoke``. The server's key pair reaches Ray the documented way, in
+the head's ``~/.aws/credentials`` (written into the logins' scratch ``HOME`` before ``ray up``,
+so the Ray that ``ray up`` starts has it), and the endpoint per job with ``ray job submit
+--runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": ...}}'``; neither is in a file of the
+checkout, and the test's own ``ray`` commands run with no ``AWS_*`` variable.
+
 What the test changes in a copy of ``cluster-onprem.yaml``, and only that: the head is
 127.0.0.1 with no workers, reached as root through ``nc`` to the test's sshd port; Ray's ports,
 the dashboard's and MLflow's are free ports, Ray is started with --node-ip-address=127.0.0.1
@@ -28,15 +37,17 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import S3Server, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ONPREM_YAML = REPO / "cluster-onprem.yaml"
@@ -82,6 +93,24 @@ def tools() -> None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true and the ray up test cannot run: {missing}")
         pytest.skip(f"ray up test: {missing}")
+
+
+@pytest.fixture
+def s3_dataset(small_dataset: Path) -> Iterator[tuple[S3Server, str]]:
+    """The smoke sweep's dataset (the 1,500 events of ``small_dataset``, three files of 500, as
+    ``--smoke-test`` would make them) in a moto S3 server on 127.0.0.1, and its URI. The
+    server is not put in this process's environment: the job gets it only as the test hands it
+    on. Stopped at the end, and checked to be gone."""
+    server = S3Server()
+    server.start()
+    try:
+        yield server, server.upload(small_dataset, "smoke")
+    finally:
+        server.stop()
+        with socket.socket() as s:
+            s.settimeout(5)
+            refused = s.connect_ex(("127.0.0.1", server.port)) != 0
+        assert refused, f"the test's S3 server still listens on {server.url}"
 
 
 class Sshd:
@@ -176,12 +205,35 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) 
     return out
 
 
+def write_aws_profile(home: Path, server: S3Server) -> None:
+    """The S3 server's key pair (and a region) in ``home/.aws``, where the AWS SDK's standard
+    chain looks for them; readable by the owner only, as ``aws configure`` leaves them."""
+    aws = home / ".aws"
+    aws.mkdir(mode=0o700)
+    creds = aws / "credentials"
+    creds.touch(mode=0o600)
+    creds.write_text(
+        "[default]\n"
+        f"aws_access_key_id = {server.ENV['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {server.ENV['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    (aws / "config").write_text(f"[default]\nregion = {server.ENV['AWS_DEFAULT_REGION']}\n")
+
+
 @pytest.mark.slow
-def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, tmp_path):
+def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, s3_dataset, small_dataset, tmp_path):
     from mlflow import MlflowClient
 
+    from iceaggr.data.cache import DEFAULT_CACHE_DIR, FileCache
+    from iceaggr.data.dataset import META_FILE
+    from iceaggr.data.linefit import line_fit_dataset
+    from iceaggr_tune.options import SweepOptions
+
+    s3, data_uri = s3_dataset
     ray = str(Path(sys.executable).with_name("ray"))
     sshd = Sshd(tmp_path / "sshd")
+    # The head's credentials for the S3 server, in the home its logins (and so Ray) get.
+    write_aws_profile(sshd.home, s3)
     # The checkout's environment, linked where the setup commands expect it.
     (sshd.home / "iceaggr-tune").mkdir()
     (sshd.home / "iceaggr-tune" / ".venv").symlink_to(sys.prefix)
@@ -194,7 +246,8 @@ def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="iceaggr-rayup-", dir="/tmp"))
     pg_dir = Path(tempfile.mkdtemp(prefix="iceaggr-pg-", dir="/tmp"))
     cfg.write_text(loopback_config(sshd, ports, ray_tmp, pg_dir))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))} | {
+    inherited = ("RAY_", "MLFLOW_", "AWS_")  # none reaches the test's own commands
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)} | {
         "HOME": str(local_home),
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -209,15 +262,27 @@ def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, tmp_path):
         assert [n["state"] for n in nodes] == ["ALIVE"] and nodes[0]["is_head_node"]
         sweep = [
             "python", "tune/lr_sweep.py", "--smoke-test", "--address", "auto",
-            "--data", str(sshd.home / "data"), "--storage-path", str(sshd.home / "sweeps"),
+            "--data", data_uri, "--storage-path", str(sshd.home / "sweeps"),
         ]  # fmt: skip
+        # The endpoint per job, as cluster-onprem.yaml shows it (the key pair is the head's).
+        runtime_env = json.dumps({"env_vars": {"AWS_ENDPOINT_URL": s3.url}})
         job = _run(
-            [ray, "job", "submit", "--address", dashboard, "--working-dir", str(REPO), "--",
-             *sweep],
+            [ray, "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
+             "--runtime-env-json", runtime_env, "--", *sweep],
             env,
             timeout=1500,
         )  # fmt: skip
         assert "Job 'raysubmit_" in job and "succeeded" in job, job[-3000:]
+        # The data came from the bucket: the head's data cache (~/.cache/iceaggr/data in the
+        # logins' HOME) holds the metadata, the validation file and a training file.
+        cache = FileCache(sshd.home / DEFAULT_CACHE_DIR.removeprefix("~/"))
+        cached = {p.name.rsplit("-", 1)[-1] for p in cache.entries()}
+        assert {META_FILE, "batch_1.parquet", "batch_3.parquet"} <= cached, cached
+        # The summary scored the line fit on the validation events it read from the bucket:
+        # the line fit of the same events in the folder that was uploaded.
+        val_events = SweepOptions.smoke().search.val_events
+        fit = line_fit_dataset(small_dataset, max_events=val_events, batch_ids=[3])
+        assert f"; line fit {fit['mean_angular_error']:.4f} rad; random" in job, job[-3000:]
         status = _run([ray, "job", "list", "--address", dashboard], env, 120)
         assert "SUCCEEDED" in status, status[-3000:]
         client = MlflowClient(tracking_uri=mlflow_url)
@@ -232,10 +297,19 @@ def test_ray_up_runs_a_sweep_on_the_onprem_cluster(tools, tmp_path):
         server = subprocess.run(["pgrep", "-af", "mlflow server"], capture_output=True, text=True)
         assert f"postgresql+psycopg2://postgres@/mlflow?host={pg_dir}/socket" in server.stdout
         assert all(r.info.status in ("FINISHED", "FAILED") for r in children)
+        # Every finished trial read the dataset through the node cache, and the trials fetched
+        # files from the S3 server (the driver's check before them fetched only the metadata).
+        finished = [r.data.metrics for r in children if r.info.status == "FINISHED"]
+        assert finished and all("data_cache_misses" in m for m in finished), finished
+        metrics = [r.data.metrics for r in children]
+        misses = sum(m.get("data_cache_misses", 0.0) for m in metrics)
+        downloaded = sum(m.get("data_cache_bytes_downloaded", 0.0) for m in metrics)
+        assert misses > 0 and downloaded > 0, metrics
         print(
             f"ray up: nodes {[(n['node_ip'], n['state']) for n in nodes]}; job SUCCEEDED; "
             f"MLflow runs on the head: 1 parent + {len(children)} trials "
-            f"({sum(r.info.status == 'FAILED' for r in children)} FAILED)"
+            f"({sum(r.info.status == 'FAILED' for r in children)} FAILED); data from "
+            f"{data_uri}: {misses:.0f} files, {downloaded / 1e6:.1f} MB fetched by the trials"
         )
     finally:
         try:

@@ -71,6 +71,24 @@ def test_s3_dataset_reads_like_the_folder(clean: Path, clean_uri: str, tmp_path:
     assert again.cache.stats.metrics()["data_cache_hits"] == 2  # type: ignore[union-attr]
 
 
+def test_line_fit_reads_s3_through_the_cache(
+    s3_server: S3Server, clean: Path, clean_uri: str, tmp_path: Path
+) -> None:
+    from iceaggr.data.linefit import line_fit_dataset
+
+    cache = FileCache(tmp_path / "cache")
+    remote = line_fit_dataset(clean_uri, max_events=100, batch_ids=[3], cache=cache)
+    local = line_fit_dataset(clean, max_events=100, batch_ids=[3])
+    assert {k: v for k, v in remote.items() if k != "events_per_s"} == {
+        k: v for k, v in local.items() if k != "events_per_s"
+    }
+    cached = {p.name.rsplit("-", 1)[-1] for p in cache.entries()}
+    assert cached == {META_FILE, "batch_3.parquet"} and cache.stats.misses == 2
+    missing = f"s3://{s3_server.BUCKET}/nothing-here"
+    with pytest.raises(FileNotFoundError, match=f"{missing}/sensor_geometry.csv not found.*aws s3"):
+        line_fit_dataset(missing, cache=cache)
+
+
 def _drop(name: str) -> Callable[[Path], None]:
     return lambda root: (root / name).unlink()
 
@@ -211,16 +229,37 @@ def test_least_recently_used_files_are_evicted(clean_uri: str, tmp_path: Path) -
 # ------------------------------------------------------------------ a sweep on s3://
 
 
+def _print_summary(opts, result) -> None:
+    """The sweep's summary as ``tune/lr_sweep.py`` prints it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lr_sweep", Path(__file__).resolve().parents[1] / "tune" / "lr_sweep.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.print_result(opts, result)
+
+
 @pytest.mark.slow
 def test_smoke_sweep_reads_and_writes_s3(
-    s3_server: S3Server, ray_local: str, clean: Path, clean_uri: str, tmp_path: Path
+    s3_server: S3Server,
+    ray_local: str,
+    clean: Path,
+    clean_uri: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """``--data s3://...`` and ``--storage-path s3://...`` on a real local Ray: the data is
     checked before Ray starts, the trials read it through the node cache (counted in their
-    MLflow runs), and Tune and Train write their results and checkpoints to the bucket."""
+    MLflow runs), Tune and Train write their results and checkpoints to the bucket, and the
+    summary scores the line fit on the validation events read through the same cache."""
     from mlflow.tracking import MlflowClient
 
+    from iceaggr.data.linefit import line_fit_dataset
     from iceaggr_tune.mlflow_runs import child_runs
+    from iceaggr_tune.summary import RANDOM_GUESS_RAD
     from iceaggr_tune.sweep import SweepOptions, run_sweep
 
     cache_dir = tmp_path / "node-cache"
@@ -258,3 +297,13 @@ def test_smoke_sweep_reads_and_writes_s3(
     # One node: all trials share the cache, so the files were downloaded once in all.
     downloaded = sum(r.data.metrics["data_cache_bytes_downloaded"] for r in runs)
     assert downloaded <= sum(p.stat().st_size for p in FileCache(cache_dir).entries())
+    # The line fit on the trials' validation events (the first val_events of batch_3), read
+    # from the bucket, is the line fit of the same events in the folder that was uploaded.
+    local_fit = line_fit_dataset(clean, max_events=opts.search.val_events, batch_ids=[3])
+    assert result.references == {
+        "line fit": local_fit["mean_angular_error"],
+        "random": RANDOM_GUESS_RAD,
+    }
+    _print_summary(opts, result)
+    summary = capsys.readouterr().out
+    assert f"; line fit {local_fit['mean_angular_error']:.4f} rad; random 1.5708 rad" in summary

@@ -1,4 +1,4 @@
-"""The stability table's two views (iceaggr.stability_table), pinned with exact texts."""
+"""The stability table's two views (iceaggr.training.stability_table), pinned with exact texts."""
 
 from __future__ import annotations
 
@@ -113,26 +113,32 @@ def test_learning_view_says_stable_but_collapsed_learned_and_exploded() -> None:
         resultant_final=0.061,
         vs_const=-0.2151,
         learned=True,
+        improved=True,
         loss_change=-0.12,
     )
+    prior = cell(
+        1e-4, False, model="iceaggr", resultant_final=0.025, vs_const=-0.3216, learned=True,
+        loss_change=0.0016,
+    )  # fmt: skip
     exploded = cell(1e-3, False, status="explodes", stable=False, diverged_at_step=13)
     unstable = cell(
         1e-4, False, stable=False, max_param_grad_norm=309.4, resultant_final=0.983,
         vs_const=0.004,
     )  # fmt: skip
-    lines = format_learning([collapsed, learned, exploded, unstable], grad_norm_warn=100)
+    lines = format_learning([collapsed, learned, exploded, unstable, prior], grad_norm_warn=100)
     rows = lines.splitlines()
     assert rows[0] == (
         "| Learning Rate | Before Normalization | After Normalization "
-        "| This project's model, normalized |"
+        "| This project's model, raw inputs | This project's model, normalized |"
     )
     assert rows[2] == (
-        "| 1e-4 | ⚠️ max param grad 3.1e+02 · not learned, held-out +0.010, +0.004 vs constant, "
-        "R 0.983 | — | — |"
+        "| 1e-4 | ⚠️ max param grad 3.1e+02 · not learned, +0.004 vs constant, held-out +0.010 "
+        "(no fall), R 0.983 | — | ✅ stable · learned, -0.322 vs constant, held-out +0.002 "
+        "(no fall), R 0.025 | — |"
     )
     assert rows[3] == (
-        "| 1e-3 | ❌ EXPLODES at step 13 | ✅ stable · collapsed, R 1.000 "
-        "| ✅ stable · learned, held-out -0.120, -0.215 vs constant |"
+        "| 1e-3 | ❌ EXPLODES at step 13 | ✅ stable · collapsed, R 1.000 | — "
+        "| ✅ stable · learned, -0.215 vs constant, held-out -0.120 (fell), R 0.061 |"
     )
     assert "by more than 2 paired standard errors" in rows[5]
 
@@ -140,15 +146,17 @@ def test_learning_view_says_stable_but_collapsed_learned_and_exploded() -> None:
 def test_learning_cell_over_seeds() -> None:
     lc = learning_cell(
         [
-            cell(1e-4, True, seed=0, learned=True, vs_const=-0.1, resultant_final=0.1),
+            cell(
+                1e-4, True, seed=0, learned=True, improved=True, vs_const=-0.1, resultant_final=0.1
+            ),
             cell(1e-4, True, seed=1, vs_const=0.02, resultant_final=0.3),
             cell(1e-4, True, seed=2, status="explodes", stable=False, diverged_at_step=9),
         ]
     )
     assert (lc.stability, lc.learning) == ("explodes", "mixed")
     assert lc.text == (
-        "❌ EXPLODES (1/3 seeds) · learned (1/2 seeds), held-out +0.010, -0.040 vs constant, "
-        "R 0.200"
+        "❌ EXPLODES (1/3 seeds) · learned (1/2 seeds), -0.040 vs constant, held-out +0.010 "
+        "(fell in 1/2 seeds), R 0.200"
     )
 
 

@@ -102,7 +102,7 @@ def test_sweep_json_keeps_no_credentials(tmp_path: Path) -> None:
     assert state["tracking_uri"] == "https://***@mlflow.internal:5000"
     assert state["options"]["tracking.uri"] == "https://***@mlflow.internal:5000"
     assert state["options"]["address"] == "ray://***@head:10001"
-    assert state["options"]["search.trials"] == 8
+    assert state["options"]["search.lr_max"] == 3e-3
 
 
 def test_resume_takes_the_credentials_from_the_given_uri(tmp_path: Path) -> None:

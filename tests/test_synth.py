@@ -1,4 +1,4 @@
-"""Tests for iceaggr.synth: the Kaggle layout on disk, determinism, physics-level statistics."""
+"""Tests for iceaggr.data.synth: the Kaggle layout on disk, determinism, physics statistics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the trainer (iceaggr.train) on a real synthetic dataset with the debug model.
+"""Tests for the trainer (iceaggr.training.trainer) on a real synthetic dataset, debug model.
 
 Covers: learning with normalized inputs, the divergence guard (an absurd learning rate, a
 raw feature that overflows float32, a NaN gradient injected at step 3, hand-made steps),

@@ -20,18 +20,25 @@ per-event Python loop. Usage::
     az, zen = line_fit(time_ns, xyz_m, charge, cu_event_offsets)
     err = angular_error(az_true, zen_true, az, zen).mean()
     line_fit_dataset("data/synthetic", max_events=20_000)   # or: iceaggr linefit --data ...
+
+The dataset may be in object storage, ``s3://bucket/prefix`` (:mod:`iceaggr.data.remote`): its
+files are read through a :class:`~iceaggr.data.cache.FileCache`, as the trials read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+
+from iceaggr.data.cache import FileCache
+from iceaggr.data.remote import DataPath, UriPath, data_path
 
 log = logging.getLogger(__name__)
 
@@ -191,35 +198,58 @@ def _select_events(
     return meta if max_events is None else meta.iloc[:max_events]
 
 
+@contextlib.contextmanager
+def _readable(path: DataPath, cache: FileCache | None) -> Iterator[Path]:
+    """``path`` itself, or for a URI its copy in ``cache`` (fetched once per node)."""
+    if isinstance(path, UriPath):
+        assert cache is not None  # set for every URI root
+        with cache.local_copy(path) as local:
+            yield local
+    else:
+        yield path
+
+
 def line_fit_dataset(
-    data_dir: str | Path,
+    data_dir: str | Path | UriPath,
     max_events: int | None = None,
     batch_ids: Sequence[int] | None = None,
+    cache: FileCache | None = None,
 ) -> dict[str, float]:
     """Score the improved line fit on a Kaggle-layout folder with angles (training data).
 
     Reads ``sensor_geometry.csv``, ``train_meta.parquet`` and the batch files in ``batch_id``
     order (only ``batch_ids`` when given, e.g. the validation files) until ``max_events``
-    events (all if None).
+    events (all if None). ``data_dir`` may be an ``s3://`` URI; its metadata and batch files
+    are then read from their copies in ``cache`` (default: :class:`~iceaggr.data.cache.FileCache`'s
+    folder and limit), fetched there first if needed.
 
     Returns:
         ``{"n_events", "mean_angular_error", "median_angular_error", "random_baseline",
         "n_fallback", "events_per_s"}`` (angles in rad).
     """
-    root = Path(data_dir)
+    root = data_path(data_dir)
+    remote = isinstance(root, UriPath)
+    if remote and cache is None:
+        cache = FileCache()
     geo_path, meta_path = root / "sensor_geometry.csv", root / "train_meta.parquet"
     for p in (geo_path, meta_path):
         if not p.is_file():
+            make = (
+                f"Upload one with `aws s3 sync <folder> {root}`"
+                if remote
+                else f"Make one with `iceaggr synth --out {root}`"
+            )
             raise FileNotFoundError(
-                f"{p} not found: {root} is not a Kaggle-layout dataset. Make one with "
-                f"`iceaggr synth --out {root}` or point --data at the competition folder."
+                f"{p} not found: {root} is not a Kaggle-layout dataset. {make} or point "
+                "--data at the competition folder."
             )
     if max_events is not None and max_events < 1:
         raise ValueError(f"max_events must be >= 1 or None, got {max_events}")
-    geo = pd.read_csv(geo_path)
+    geo = pd.read_csv(geo_path.open_input_file() if isinstance(geo_path, UriPath) else geo_path)
     xyz_by_sensor = np.zeros((int(geo["sensor_id"].max()) + 1, 3))
     xyz_by_sensor[geo["sensor_id"].to_numpy()] = geo[["x", "y", "z"]].to_numpy(np.float64)
-    meta = pd.read_parquet(meta_path)
+    with _readable(meta_path, cache) as local:
+        meta = pd.read_parquet(local)
     if "azimuth" not in meta.columns or "zenith" not in meta.columns:
         raise ValueError(
             f"{meta_path} has no azimuth/zenith columns (test metadata?); the line fit can only "
@@ -236,7 +266,8 @@ def line_fit_dataset(
             raise FileNotFoundError(
                 f"{path} is listed in {meta_path} (batch_id {batch_id}) but missing"
             )
-        table = pq.read_table(path, columns=["sensor_id", "time", "auxiliary"])
+        with _readable(path, cache) as local:
+            table = pq.read_table(local, columns=["sensor_id", "time", "auxiliary"])
         first = m["first_pulse_index"].to_numpy(np.int64)
         last = m["last_pulse_index"].to_numpy(np.int64)
         if last.size and last.max() >= table.num_rows:

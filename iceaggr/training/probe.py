@@ -157,11 +157,15 @@ class Cell:
     stable: bool = False
     """Finite throughout, and no parameter's pre-clip gradient norm above the ⚠️ threshold."""
     learned: bool = False
-    """The held-out error fell during the steps and ends below the best constant direction's,
-    each by more than two paired standard errors (:func:`iceaggr.training.collapse.learned`): a
-    collapsed network turning toward the held-out mean fails the second test, a network that
-    starts good (this project's model starts from each event's moment direction) and does not
-    move fails the first."""
+    """The held-out error after the last step is below the best constant direction's on the
+    same events by more than two paired standard errors
+    (:func:`iceaggr.training.collapse.learned`): the predictions carry information about each
+    event's direction. A collapsed network that
+    turns toward the held-out events' mean direction fails it."""
+    improved: bool = False
+    """The held-out error fell over the steps by more than two paired standard errors. This
+    project's model starts from each event's moment direction (``model.moment_prior``), so it
+    beats the constant before its first step: for it, this says what the steps added."""
     collapsed: bool = False
     """R after the last step >= ``train.collapse_resultant``."""
 
@@ -270,8 +274,8 @@ def cell_from_result(cfg: ExperimentConfig, result: TrainResult) -> Cell:
         vs_const=vs_const,
         vs_const_stderr=after.get("margin_stderr") if vs_const is not None else None,
         stable=status != "explodes" and result.max_param_grad_norm <= cfg.train.grad_norm_warn,
-        learned=learned(vs_const, after.get("margin_stderr"))
-        and learned(change, result.fixed_batch_change_stderr),
+        learned=learned(vs_const, after.get("margin_stderr")),
+        improved=learned(change, result.fixed_batch_change_stderr),
         collapsed=resultant_final is not None and resultant_final >= cfg.train.collapse_resultant,
     )
 

@@ -192,6 +192,8 @@ class LearningCell:
     diverged_at_step: int | None
     loss_change: float | None = None
     """Mean change of the held-out error over the steps (finite seeds, rad)."""
+    improved: int = 0
+    """Finite seeds whose held-out error fell over the steps beyond two paired SE."""
 
     @property
     def stability(self) -> str:
@@ -225,19 +227,31 @@ class LearningCell:
         return "✅ stable"
 
     @property
+    def steps_text(self) -> str | None:
+        """``held-out -0.120 (fell)``: the held-out error's change over the steps."""
+        if self.loss_change is None:
+            return None
+        finite = self.seeds - self.exploded
+        if self.improved == finite:
+            tag = "fell"
+        elif self.improved == 0:
+            tag = "no fall"
+        else:
+            tag = f"fell in {self.improved}/{finite} seeds"
+        return f"held-out {self.loss_change:+.3f} ({tag})"
+
+    @property
     def learning_text(self) -> str:
         """What the finite seeds learned (empty when every seed exploded)."""
         finite = self.seeds - self.exploded
         vs = f"{self.vs_const:+.3f} vs constant" if self.vs_const is not None else None
-        if self.loss_change is not None:
-            change = f"held-out {self.loss_change:+.3f}"
-            vs = change if vs is None else f"{change}, {vs}"
+        steps = self.steps_text
         r = f"R {self.resultant:.3f}" if self.resultant is not None else None
         parts = {
-            "learned": ["learned", vs],
+            "learned": ["learned", vs, steps, r],
             "collapsed": ["collapsed", r],
-            "mixed": [f"learned{_seeds_suffix(self.learned, finite)}", vs, r],
-            "not learned": ["not learned", vs, r],
+            "mixed": [f"learned{_seeds_suffix(self.learned, finite)}", vs, steps, r],
+            "not learned": ["not learned", vs, steps, r],
             "—": [],
         }[self.learning]
         return ", ".join(p for p in parts if p)
@@ -265,6 +279,7 @@ def learning_cell(seed_cells: list[Cell]) -> LearningCell:
         vs_const=sum(margins) / len(margins) if margins else None,
         diverged_at_step=min((c.diverged_at_step or 0 for c in exploded), default=None) or None,
         loss_change=sum(changes) / len(changes) if changes else None,
+        improved=sum(c.improved for c in finite),
     )
 
 
@@ -284,12 +299,15 @@ def format_learning(
     lines += [
         "",
         f"✅ stable: finite, and no parameter's pre-clip gradient norm exceeded {warn}; ⚠️: one "
-        "did; ❌ EXPLODES: a loss, prediction or gradient went non-finite. learned: the mean "
-        f"angular error on {events} held-out events fell over the steps (held-out: the change, "
-        "rad) and ends below that of the best constant direction on the same events (vs "
-        f"constant: the difference, rad), each by more than {LEARNED_Z:g} paired standard "
-        "errors; collapsed: the mean resultant length R of "
-        f"the predictions is >= {COLLAPSE_RESULTANT:g} (1: one direction for every event; the "
+        "did; ❌ EXPLODES: a loss, prediction or gradient went non-finite. learned: after the "
+        f"steps the mean angular error on {events} held-out events is below that of the best "
+        "constant direction on the same events (vs constant: the difference, rad) by more than "
+        f"{LEARNED_Z:g} paired standard errors; held-out: the change of that error over the "
+        "steps (fell: by more than as many standard errors). This project's model starts from "
+        "each event's moment direction (model.moment_prior), so it beats the constant before "
+        "its first step; for it, held-out says what the steps added. collapsed: the mean "
+        f"resultant length R of the predictions is >= {COLLAPSE_RESULTANT:g} (1: one direction "
+        "for every event; the "
         "true directions' own R is printed in the JSON as target_resultant).",
     ]
     return "\n".join(lines)
