@@ -190,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
-    changes: dict[str, Any] = {"model_overrides": args.set}
+    # Every report step is scored (the sweep scores only its rungs and the last step), so the
+    # rank correlation is known at each step.
+    changes: dict[str, Any] = {
+        "model_overrides": args.set,
+        "early_stop.validate_every_report": True,
+    }
     if args.data:
         changes["data.path"] = args.data
     if args.trials:
