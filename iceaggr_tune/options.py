@@ -48,13 +48,14 @@ CPU_PRESET = ResourcePreset(
     table_models=("original",),
     table_hidden_columns=False,
 )
-"""Trials on CPUs (the laptop default): this project's model (d_model 128, starting from each
-event's moment direction) at batch 64 is at ~1.22-1.23 rad on the synthetic validation events
-from step 20 to 100 on one core (``benchmarks/rung_fidelity.py``); the early-stopping rung is at
-step 40 (2 reports). The table runs the
-original table's two columns (the original network before and after normalization) with one
-seed: each full-size cell costs ~2 minutes of a core, and this project's columns would add
-half again to the main job.
+"""Trials on CPUs (the laptop default), sized so that the main job fits ~12 minutes on 2 cores:
+4 search trials of 60 steps of 64 events. This project's model (d_model 128, starting from each
+event's moment direction) is at ~1.22-1.23 rad on the synthetic validation events from step 20
+on, on one core (``benchmarks/rung_fidelity.py``: 8 such trials ended at 1.2237-1.2254 rad
+after 60 steps, 1.2235-1.2246 after 100); the early-stopping rung is at step 40 (2 reports).
+The table runs the original table's two columns (the original network before and after
+normalization) with one seed: a full-size cell costs ~1.5-2 minutes of a core, and this
+project's two columns would double the table.
 """
 GPU_PRESET = ResourcePreset(
     search_trials=8,
@@ -250,13 +251,14 @@ class EarlyStopOptions:
     GPUs."""
     grace_reports: int = 2
     """Reports every search trial makes before early stopping may end it (2: on CPUs step 40).
-    Measured with ``benchmarks/rung_fidelity.py`` (8 CPU search trials run to step 100, one
-    thread, 1,000 held-out events): the Spearman correlation of a trial's value with its final
-    value is 0.905 at step 20, 0.881 at step 40, 0.167 at step 60 (where trials at lr >= 7e-4
-    pass through a bump of up to +0.006 rad) and 0.524 at step 80. The trials' final values span
-    only 1.2235-1.2246 rad: with the moment prior the model starts near the line fit's level and
-    moves little in 100 steps, so any rung ranks small differences. (With the old zero start a
-    step-40 rung ranked noise: every trial still sat at ~1.58 rad.)"""
+    Measured with ``benchmarks/rung_fidelity.py`` (8 CPU search trials run to their end, one
+    thread, 1,000 held-out events): the Spearman correlation of a trial's value at step 40 with
+    its final value is 0.952 in trials of 60 steps (today's CPU preset) and 0.881 in trials of
+    100 steps (0.905 at step 20, 0.167 at step 60, where trials at lr >= 7e-4 pass through a
+    bump of up to +0.006 rad, 0.524 at step 80). The trials' final values span only ~0.002 rad:
+    with the moment prior the model starts near the line fit's level and moves little in 100
+    steps, so any rung ranks small differences. (With the old zero start a step-40 rung ranked
+    noise: every trial still sat at ~1.58 rad.)"""
     reduction_factor: int = ASHA_REDUCTION_FACTOR
     """At each rung only the best 1/reduction_factor of the trials recorded so far continue."""
     validate_every_report: bool = False
