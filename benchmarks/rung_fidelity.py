@@ -4,20 +4,24 @@ Runs the sweep's search trials to the end, without early stopping, in this proce
 the config is the one the sweep builds for a search trial (:func:`iceaggr_tune.sweep.
 base_experiment`, :func:`~iceaggr_tune.search.search_config` and
 :func:`iceaggr_tune.trial.trial_experiment` on the default :class:`~iceaggr_tune.options.
-SweepOptions`, resolved for CPU trials: 100 steps of 64 events, warm-up 10, a validation on
-1,000 held-out events every 20 steps), with the learning rate and dropout of each trial taken
+SweepOptions`, resolved for CPU trials: 60 steps of 64 events, warm-up 10, reports every 20
+steps; here every report scores the 1,000 held-out events, where the sweep scores only its
+rungs and the last step), with the learning rate and dropout of each trial taken
 from a fixed Latin grid over the search space (log-uniform lr in ``[lr_min, lr_max]``, uniform
 dropout in ``[dropout_min, dropout_max]``: one trial per stratum of each, the dropout strata
 permuted by ``--seed``). For every report step it prints each trial's validation error, and the
 Spearman rank correlation between the value at that step and the final value; the first rung
-of early stopping (report ``grace_reports``: step 60 on CPUs) is marked. It also replays the
+of early stopping (report ``grace_reports``: step 40 on CPUs) is marked. It also replays the
 trials, in grid order, through the sweep's own :class:`~iceaggr_tune.early_stop.RungBoard` and
 says which of them early stopping would have ended, and whether the best final trial survives.
 
-Run from the repository root (one thread; ~15 CPU minutes for 8 trials on this 2-core machine)::
+Run from the repository root (one thread; 8 trials of 60 steps took ~17 minutes on one core of
+a 2-core machine while other work shared it; the CPU preset's 4 trials give too few ranks to
+read, hence ``--trials 8``)::
 
-    python benchmarks/rung_fidelity.py --out runs/benchmarks/rung_fidelity
-    python benchmarks/rung_fidelity.py --set model.moment_prior=0 --out runs/benchmarks/rf-zero
+    python benchmarks/rung_fidelity.py --trials 8 --out runs/benchmarks/rung_fidelity
+    python benchmarks/rung_fidelity.py --trials 8 --set model.moment_prior=0 \
+        --out runs/benchmarks/rf-zero
 
 ``--set KEY=VALUE`` changes the sweep's base config as the sweep's own ``--set`` does. Writes
 ``rung_fidelity.json`` and ``rung_fidelity.md`` under ``--out``.
