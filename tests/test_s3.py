@@ -218,6 +218,9 @@ def test_least_recently_used_files_are_evicted(clean_uri: str, tmp_path: Path) -
     cache.fetch(files[0])
     cache.fetch(files[1])
     cache.fetch(files[0])  # batch_1 used again: batch_2 is now the least recently used
+    used = {f.name: f.stat().st_mtime_ns for f in cache.entries()}
+    newest = max(used, key=used.__getitem__)
+    assert newest.endswith("batch_1.parquet") and len(set(used.values())) == 2, used
     cache.fetch(files[2])
     kept = sorted(p.name.rsplit("-", 1)[-1] for p in cache.entries())
     assert kept == ["batch_1.parquet", "batch_3.parquet"]

