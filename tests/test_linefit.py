@@ -136,3 +136,53 @@ def test_dataset_errors(tmp_path: Path, synthetic: Path) -> None:
         line_fit_dataset(tmp_path)
     with pytest.raises(ValueError, match="max_events must be >= 1"):
         line_fit_dataset(synthetic, max_events=0)
+
+
+# ------------------------------------------- the same fit on a packed batch (the model's prior)
+
+
+def test_torch_fit_on_a_loader_batch_equals_the_baseline(synthetic: Path) -> None:
+    """``iceaggr.models.line_fit`` on the loader's packed batch is the baseline's fit, event by
+    event (float32 times and positions in the batch: ~1e-4 rad), on every event that the loader
+    did not truncate; the synthetic events carry auxiliary pulses, so the HLC rule is exercised."""
+    import pandas as pd
+    import torch
+
+    from iceaggr.data.dataset import KaggleDataset
+    from iceaggr.data.loader import EventLoader, Truncation
+    from iceaggr.models.line_fit import line_fit_direction
+
+    trunc = Truncation(max_pulses_per_event=400)  # a few events truncated: they may differ
+    loader = EventLoader(
+        dataset=KaggleDataset(synthetic),
+        batch_ids=[2],
+        batch_size=1_000,
+        shuffle=False,
+        truncation=trunc,
+        prefetch=0,
+    )
+    (batch,) = list(loader.iter_epoch(0))
+    got = line_fit_direction(batch).double().numpy()
+
+    meta = pd.read_parquet(synthetic / "train_meta.parquet")
+    meta = meta[meta["batch_id"] == 2].sort_values("first_pulse_index")
+    np.testing.assert_array_equal(meta["event_id"].to_numpy(), batch.event_id.numpy())
+    pulses = pd.read_parquet(synthetic / "train" / "batch_2.parquet")
+    geo = pd.read_csv(synthetic / "sensor_geometry.csv").set_index("sensor_id")
+    first, last = meta["first_pulse_index"].to_numpy(), meta["last_pulse_index"].to_numpy()
+    take = np.concatenate([np.arange(f, g + 1) for f, g in zip(first, last, strict=True)])
+    cu = np.concatenate([[0], np.cumsum(last - first + 1)])
+    sid = pulses["sensor_id"].to_numpy()[take].astype(np.int64)
+    rows, cu_sel = select_hits(sid, pulses["auxiliary"].to_numpy()[take], cu)
+    az, zen = line_fit(
+        pulses["time"].to_numpy(np.float64)[take][rows],
+        geo.loc[sid[rows], ["x", "y", "z"]].to_numpy(np.float64),
+        None,
+        cu_sel,
+    )
+    angle = np.arccos(np.clip(np.sum(direction(az, zen) * got, axis=1), -1.0, 1.0))
+    whole = (batch.n_pulses_raw <= trunc.max_pulses_per_event).numpy()
+    assert 0 < (~whole).sum() < 0.1 * len(whole)
+    assert angle[whole].max() < 1e-3, angle[whole].max()
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    assert torch.isfinite(line_fit_direction(batch)).all()

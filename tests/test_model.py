@@ -10,6 +10,7 @@ import torch
 
 from iceaggr.data.batch import DomBatch
 from iceaggr.models.builder import param_groups
+from iceaggr.models.line_fit import line_fit_direction
 from iceaggr.models.losses import angular_distance
 from iceaggr.models.model import (
     IceAggrModel,
@@ -311,7 +312,7 @@ def test_moment_direction_is_unit_length_whatever_the_input_scale(normalize: boo
     with torch.no_grad():
         feats = make_model(normalize=normalize).forward_features(make_batch(EVENT_DOM_LENGTHS))
     torch.testing.assert_close(
-        feats.moment_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
+        feats.prior_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
     )
 
 
@@ -356,3 +357,32 @@ def test_untrained_model_follows_the_moment_direction_not_one_direction() -> Non
         assert prior.mean(0).norm().item() == pytest.approx(truth_r, abs=0.01)
         assert angular_distance(prior, came_from).max().item() < 0.02
         assert zero.mean(0).norm().item() > 0.99
+
+
+# -------------------------------------------------------- the line fit as the prior direction
+
+
+def test_line_fit_direction_of_straight_tracks_and_of_a_degenerate_event() -> None:
+    g = torch.Generator().manual_seed(2)
+    came_from = torch.nn.functional.normalize(torch.randn(8, 3, generator=g), dim=-1)
+    got = line_fit_direction(track_batch(came_from))
+    assert angular_distance(got, came_from).max().item() < 1e-4
+    # One DOM (no time spread): the baseline's fallback, straight up; never NaN.
+    one_dom = line_fit_direction(make_batch([[3], [1, 1, 1]]))
+    torch.testing.assert_close(one_dom[0], torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(one_dom.norm(dim=-1), torch.ones(2))
+
+
+def test_line_fit_prior_starts_the_model_at_the_line_fit() -> None:
+    # Random hits: the moment direction and the line fit disagree; the untrained model follows
+    # its configured prior (the head adds ~0.02 to a unit logit).
+    batch = make_batch(EVENT_DOM_LENGTHS, seed=3)
+    fit = line_fit_direction(batch)
+    with torch.no_grad():
+        from_fit = make_model(prior_direction="line_fit")(batch).direction
+        from_moment = make_model(prior_direction="moment")(batch).direction
+    assert angular_distance(from_fit, fit).max().item() < 0.05
+    assert angular_distance(from_moment, fit).max().item() > 0.5
+    assert ModelConfig().prior_direction == "moment"
+    with pytest.raises(ValueError, match="prior_direction must be 'moment'"):
+        ModelConfig(prior_direction="linefit")  # type: ignore[arg-type]

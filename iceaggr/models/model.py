@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iceaggr.data.batch import PULSE_FEATURES, DomBatch
+from iceaggr.models.line_fit import line_fit_direction
 from iceaggr.models.normalization import NUM_SUMMARY_FEATURES, SUMMARY_TRANSFORMS, InputNormalizer
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,12 @@ class ModelConfig:
     1.2123 and 1.2068; the line fit 1.1962). 0.3 let the head's shared direction back in at
     first (1.2452 rad at step 10, 1.2180 at 20; 1.2069 at 60, the default 1.2096). Ignored by
     arch "original"."""
+    prior_direction: Literal["moment", "line_fit"] = "moment"
+    """The per-event direction that ``moment_prior`` weighs: "moment", the direction of the
+    event's mean position-time moment computed from the DOM summaries (a line fit without its
+    hit selection and reweighting); "line_fit", the improved line fit itself
+    (:func:`iceaggr.models.line_fit.line_fit_direction`, the baseline printed beside every
+    sweep) on the batch's kept pulses. Ignored by arch "original"."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("iceaggr", "original"):
@@ -125,6 +132,11 @@ class ModelConfig:
             raise ValueError(f"attention must be 'packed' or 'padded', got {self.attention!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+        if self.prior_direction not in ("moment", "line_fit"):
+            raise ValueError(
+                "prior_direction must be 'moment' (the event's mean position-time moment) or "
+                f"'line_fit' (the improved line fit), got {self.prior_direction!r}"
+            )
         if not (math.isfinite(self.moment_prior) and self.moment_prior >= 0):
             raise ValueError(
                 f"moment_prior must be a finite number >= 0 (0: no prior), got {self.moment_prior}"
@@ -158,8 +170,9 @@ class EventFeatures:
 
     pooled: torch.Tensor
     """(B, d) pooled event transformer output plus the embedded event-mean DOM summaries."""
-    moment_dir: torch.Tensor
-    """(B, 3) unit vector opposite to the event's mean position-time moment (0: no moment)."""
+    prior_dir: torch.Tensor
+    """(B, 3) the event's prior direction (``ModelConfig.prior_direction``): a unit vector
+    opposite to its mean position-time moment (0: no moment), or the line fit's direction."""
 
 
 class SeqLayout:
@@ -372,7 +385,7 @@ class IceAggrModel(nn.Module):
         return self.normalizer(batch).as_dict()
 
     def forward_features(self, batch: DomBatch) -> EventFeatures:
-        """Pooled event representation (B, d) and moment direction (B, 3)."""
+        """Pooled event representation (B, d) and prior direction (B, 3)."""
         padded = self.cfg.attention == "padded"
         inputs = self.normalizer(batch)
         dom_layout = SeqLayout(batch.cu_pulses, padded)  # over pulses, one sequence per DOM
@@ -386,12 +399,15 @@ class IceAggrModel(nn.Module):
         moments = event_layout.mean_pool(inputs.dom_summary)  # (B, S)
         # The muon travels along the moment, the neutrino came from the opposite side. An event
         # without one (a single DOM) gets the zero vector.
-        moment_dir = -F.normalize(moments[:, MOMENT_COLUMNS], dim=-1, eps=1e-12)  # (B, 3)
-        return EventFeatures(pooled=pooled + self.moment_embed(moments), moment_dir=moment_dir)
+        if self.cfg.prior_direction == "line_fit":
+            prior_dir = line_fit_direction(batch)  # raw times and positions: scale-aware
+        else:
+            prior_dir = -F.normalize(moments[:, MOMENT_COLUMNS], dim=-1, eps=1e-12)  # (B, 3)
+        return EventFeatures(pooled=pooled + self.moment_embed(moments), prior_dir=prior_dir)
 
     def forward_head(self, features: EventFeatures) -> ModelOutput:
         raw = self.head(features.pooled)  # (B, 4)
-        logits = raw[:, :3] + self.moment_readout(features.moment_dir)  # (B, 3)
+        logits = raw[:, :3] + self.moment_readout(features.prior_dir)  # (B, 3)
         direction = F.normalize(logits, dim=-1, eps=1e-12)  # (B, 3)
         kappa = F.softplus(raw[:, 3]) + KAPPA_FLOOR  # (B,)
         return ModelOutput(direction=direction, kappa=kappa)
