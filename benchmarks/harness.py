@@ -424,6 +424,7 @@ def time_loader(
         shuffle=True,
         seed=0,
         prefetch=0,
+        line_fit=cfg.model.uses_line_fit,
     )
     open_s = time.perf_counter() - t_open
     wall, cpu, batches = [], [], []

@@ -247,6 +247,7 @@ def held_out_loader(cfg: ExperimentConfig) -> EventLoader:
         drop_last=False,
         prefetch=0,
         max_events=cfg.data.max_val_events,
+        line_fit=cfg.model.uses_line_fit,
     )
 
 

@@ -141,10 +141,11 @@ def test_dataset_errors(tmp_path: Path, synthetic: Path) -> None:
 # ------------------------------------------- the same fit on a packed batch (the model's prior)
 
 
-def test_torch_fit_on_a_loader_batch_equals_the_baseline(synthetic: Path) -> None:
-    """``iceaggr.models.line_fit`` on the loader's packed batch is the baseline's fit, event by
-    event (float32 times and positions in the batch: ~1e-4 rad), on every event that the loader
-    did not truncate; the synthetic events carry auxiliary pulses, so the HLC rule is exercised."""
+def test_line_fits_of_a_loader_batch_equal_the_baseline(synthetic: Path) -> None:
+    """The loader's fit of each whole event (``DomBatch.line_fit``) is the baseline's fit, and
+    ``iceaggr.models.line_fit`` on the packed batch is too on every event that the loader did not
+    truncate (float32 times and positions in the batch: < 1e-3 rad); the synthetic events carry
+    auxiliary pulses, so the HLC rule is exercised."""
     import pandas as pd
     import torch
 
@@ -152,17 +153,20 @@ def test_torch_fit_on_a_loader_batch_equals_the_baseline(synthetic: Path) -> Non
     from iceaggr.data.loader import EventLoader, Truncation
     from iceaggr.models.line_fit import line_fit_direction
 
-    trunc = Truncation(max_pulses_per_event=400)  # a few events truncated: they may differ
-    loader = EventLoader(
-        dataset=KaggleDataset(synthetic),
-        batch_ids=[2],
-        batch_size=1_000,
-        shuffle=False,
-        truncation=trunc,
-        prefetch=0,
-    )
+    trunc = Truncation(max_pulses_per_event=400)  # a few events truncated
+    args = dict(dataset=KaggleDataset(synthetic), batch_ids=[2], shuffle=False, prefetch=0)
+    loader = EventLoader(batch_size=1_000, truncation=trunc, line_fit=True, **args)
     (batch,) = list(loader.iter_epoch(0))
-    got = line_fit_direction(batch).double().numpy()
+    assert batch.line_fit is not None and batch.line_fit.shape == (1_000, 3)
+    assert next(iter(EventLoader(batch_size=500, **args).iter_epoch(0))).line_fit is None
+    # A batch spanning two files is joined from two parts; the fits follow their events.
+    spanning = list(
+        EventLoader(batch_size=700, line_fit=True, **{**args, "batch_ids": [1, 2]}).iter_epoch(0)
+    )[1]
+    assert spanning.line_fit is not None
+    from_2 = np.isin(spanning.event_id.numpy(), batch.event_id.numpy())
+    assert 0 < from_2.sum() < len(from_2)
+    torch.testing.assert_close(spanning.line_fit[from_2], batch.line_fit[: int(from_2.sum())])
 
     meta = pd.read_parquet(synthetic / "train_meta.parquet")
     meta = meta[meta["batch_id"] == 2].sort_values("first_pulse_index")
@@ -180,9 +184,15 @@ def test_torch_fit_on_a_loader_batch_equals_the_baseline(synthetic: Path) -> Non
         None,
         cu_sel,
     )
-    angle = np.arccos(np.clip(np.sum(direction(az, zen) * got, axis=1), -1.0, 1.0))
+    want = direction(az, zen)
+
+    def angle(got: np.ndarray) -> np.ndarray:
+        return np.arccos(np.clip(np.sum(want * got, axis=1), -1.0, 1.0))
+
+    # Every event, truncated ones too (the loader holds positions in float32).
+    np.testing.assert_allclose(batch.line_fit.double().numpy(), want, rtol=0, atol=2e-5)
+    packed = angle(line_fit_direction(batch).double().numpy())
     whole = (batch.n_pulses_raw <= trunc.max_pulses_per_event).numpy()
     assert 0 < (~whole).sum() < 0.1 * len(whole)
-    assert angle[whole].max() < 1e-3, angle[whole].max()
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
-    assert torch.isfinite(line_fit_direction(batch)).all()
+    assert packed[whole].max() < 1e-3, packed[whole].max()
+    assert packed[~whole].max() > 1e-2  # truncation changed the hits the packed fit sees

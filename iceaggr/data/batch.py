@@ -43,6 +43,10 @@ class DomBatch:
     """(B, 3) float32 unit ``(cos az sin zen, sin az sin zen, cos zen)``; None for test data."""
     n_pulses_raw: torch.Tensor | None = None
     """(B,) int64: pulses the event had before truncation (for bookkeeping)."""
+    line_fit: torch.Tensor | None = None
+    """(B, 3) float32 unit vector: where the event came from by the improved line fit of all
+    its pulses, before truncation (:mod:`iceaggr.data.linefit`, the baseline); made by the
+    loader, None in batches made otherwise."""
 
     @property
     def num_events(self) -> int:

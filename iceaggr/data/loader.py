@@ -34,6 +34,7 @@ import torch
 
 from iceaggr.data.batch import DomBatch
 from iceaggr.data.dataset import BatchFile, KaggleDataset
+from iceaggr.data.linefit import line_fit, select_hits
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +86,17 @@ def _brightest_doms(
     return rank_in_event < cap
 
 
+def _unit_vectors(az: np.ndarray, zen: np.ndarray) -> np.ndarray:
+    """(B, 3) float32 ``(cos az sin zen, sin az sin zen, cos zen)``."""
+    sz = np.sin(zen)
+    return np.stack([np.cos(az) * sz, np.sin(az) * sz, np.cos(zen)], axis=1).astype(np.float32)
+
+
 def _directions(part: BatchFile, events: np.ndarray) -> torch.Tensor | None:
     """(B, 3) float32 unit vectors of the events' true directions; None without angles."""
     if part.azimuth is None or part.zenith is None:
         return None
-    az, zen = part.azimuth[events], part.zenith[events]
-    sz = np.sin(zen)
-    return torch.from_numpy(
-        np.stack([np.cos(az) * sz, np.sin(az) * sz, np.cos(zen)], axis=1).astype(np.float32)
-    )
+    return torch.from_numpy(_unit_vectors(part.azimuth[events], part.zenith[events]))
 
 
 def assemble_batch(
@@ -102,8 +105,10 @@ def assemble_batch(
     geometry: np.ndarray,
     trunc: Truncation,
     stats: LoaderStats | None = None,
+    with_line_fit: bool = False,
 ) -> DomBatch:
-    """Pack the events at positions ``events`` (indices into ``part``'s metadata) into a batch."""
+    """Pack the events at positions ``events`` (indices into ``part``'s metadata) into a batch;
+    ``with_line_fit``: also fit each whole event's line (``DomBatch.line_fit``)."""
     first = part.first_pulse_index[events]
     n_raw = part.last_pulse_index[events] - first + 1  # (B,)
     n_kept = np.minimum(n_raw, trunc.max_pulses_per_event)
@@ -151,6 +156,7 @@ def assemble_batch(
     cu_doms = np.zeros(n_events + 1, dtype=np.int64)
     np.cumsum(doms_per_event, out=cu_doms[1:])
     direction = _directions(part, events)
+    fit = _whole_event_line_fit(part, first, n_raw, geometry) if with_line_fit else None
     if stats is not None:
         stats.events += n_events
         stats.pulses_in += int(n_raw.sum())
@@ -166,7 +172,23 @@ def assemble_batch(
         event_id=torch.from_numpy(part.event_id[events].astype(np.int64)),
         direction=direction,
         n_pulses_raw=torch.from_numpy(n_raw.astype(np.int64)),
+        line_fit=fit,
     )
+
+
+def _whole_event_line_fit(
+    part: BatchFile, first: np.ndarray, n_raw: np.ndarray, geometry: np.ndarray
+) -> torch.Tensor:
+    """(B, 3) the improved line fit of each event from all its pulses (before truncation), as
+    the baseline scores it: the seed direction of ``model.prior_direction=line_fit``. It costs
+    more than the packing (``python benchmarks/loader.py``, second row)."""
+    rows = _ranges(first, n_raw)
+    sensors = part.sensor_id[rows].astype(np.int64)
+    cu = np.zeros(len(first) + 1, dtype=np.int64)
+    np.cumsum(n_raw, out=cu[1:])
+    hits, cu_hits = select_hits(sensors, part.auxiliary[rows], cu)
+    az, zen = line_fit(part.time[rows[hits]], geometry[sensors[hits]], None, cu_hits)
+    return torch.from_numpy(_unit_vectors(az, zen))
 
 
 @dataclass
@@ -199,6 +221,9 @@ class EventLoader:
     """Use at most this many events per epoch (before sharding), for short runs."""
     pin_memory: bool = False
     """Pin each batch in page-locked memory (in the prefetch thread) for async copies to a GPU."""
+    line_fit: bool = False
+    """Also fit each whole event's line (``DomBatch.line_fit``), for
+    ``model.prior_direction=line_fit``."""
     stats: LoaderStats = field(default_factory=LoaderStats)
 
     def __post_init__(self) -> None:
@@ -279,6 +304,7 @@ class EventLoader:
                         self.dataset.geometry,
                         self.truncation,
                         self.stats,
+                        with_line_fit=self.line_fit,
                     )
                 )
             batch = parts[0] if len(parts) == 1 else concat_batches(parts)
@@ -303,6 +329,7 @@ def concat_batches(parts: list[DomBatch]) -> DomBatch:
         p_off += b.num_pulses
         d_off += b.num_doms
     has_dir = all(b.direction is not None for b in parts)
+    has_fit = all(b.line_fit is not None for b in parts)
     return DomBatch(
         pulses=torch.cat([b.pulses for b in parts]),
         cu_pulses=torch.cat(cu_pulses),
@@ -312,6 +339,7 @@ def concat_batches(parts: list[DomBatch]) -> DomBatch:
         event_id=torch.cat([b.event_id for b in parts]),
         direction=torch.cat([b.direction for b in parts]) if has_dir else None,  # type: ignore[misc]
         n_pulses_raw=torch.cat([b.n_pulses_raw for b in parts]),  # type: ignore[misc]
+        line_fit=torch.cat([b.line_fit for b in parts]) if has_fit else None,  # type: ignore[misc]
     )
 
 

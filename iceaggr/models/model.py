@@ -104,7 +104,14 @@ class ModelConfig:
     event's mean position-time moment computed from the DOM summaries (a line fit without its
     hit selection and reweighting); "line_fit", the improved line fit itself
     (:func:`iceaggr.models.line_fit.line_fit_direction`, the baseline printed beside every
-    sweep) on the batch's kept pulses. Ignored by arch "original"."""
+    sweep) of the whole event, made by the loader (``DomBatch.line_fit``; for a batch made
+    otherwise, :func:`iceaggr.models.line_fit.line_fit_direction` on its kept pulses). Ignored by
+    arch "original"."""
+
+    @property
+    def uses_line_fit(self) -> bool:
+        """Whether the loader must fit each event's line for this model (``DomBatch.line_fit``)."""
+        return self.arch == "iceaggr" and self.prior_direction == "line_fit"
 
     def __post_init__(self) -> None:
         if self.arch not in ("iceaggr", "original"):
@@ -400,7 +407,8 @@ class IceAggrModel(nn.Module):
         # The muon travels along the moment, the neutrino came from the opposite side. An event
         # without one (a single DOM) gets the zero vector.
         if self.cfg.prior_direction == "line_fit":
-            prior_dir = line_fit_direction(batch)  # raw times and positions: scale-aware
+            # The loader's fit of the whole event; else the same fit on the kept pulses.
+            prior_dir = batch.line_fit if batch.line_fit is not None else line_fit_direction(batch)
         else:
             prior_dir = -F.normalize(moments[:, MOMENT_COLUMNS], dim=-1, eps=1e-12)  # (B, 3)
         return EventFeatures(pooled=pooled + self.moment_embed(moments), prior_dir=prior_dir)

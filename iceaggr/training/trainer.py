@@ -178,6 +178,7 @@ class Trainer(Validation):
             world_size=self.world_size,
             prefetch=cfg.data.prefetch,
             pin_memory=self.device.type == "cuda",
+            line_fit=cfg.model.uses_line_fit,
         )
         loader = EventLoader(
             batch_ids=train_ids,
