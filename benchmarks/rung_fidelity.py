@@ -20,8 +20,8 @@ a 2-core machine while other work shared it; the CPU preset's 4 trials give too 
 read, hence ``--trials 8``)::
 
     python benchmarks/rung_fidelity.py --trials 8 --out runs/benchmarks/rung_fidelity
-    python benchmarks/rung_fidelity.py --trials 8 --set model.moment_prior=0 \
-        --out runs/benchmarks/rf-zero
+    python benchmarks/rung_fidelity.py --trials 8 --set model.prior_direction=moment \
+        --out runs/benchmarks/rf-moment
 
 ``--set KEY=VALUE`` changes the sweep's base config as the sweep's own ``--set`` does. Writes
 ``rung_fidelity.json`` and ``rung_fidelity.md`` under ``--out``.

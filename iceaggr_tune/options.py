@@ -50,9 +50,10 @@ CPU_PRESET = ResourcePreset(
 )
 """Trials on CPUs (the laptop default), sized so that the main job fits ~12 minutes on 2 cores:
 4 search trials of 60 steps of 64 events. This project's model (d_model 128, starting from each
-event's moment direction) is at ~1.22-1.23 rad on the synthetic validation events from step 20
-on, on one core (``benchmarks/rung_fidelity.py``: 8 such trials ended at 1.2237-1.2254 rad
-after 60 steps, 1.2235-1.2246 after 100); the early-stopping rung is at step 40 (2 reports).
+event's line fit) is at ~1.210-1.213 rad on the synthetic validation events from step 20 on, on
+one core (``benchmarks/rung_fidelity.py --trials 8``: 8 such trials ended at 1.2099-1.2117 rad
+after 60 steps, line fit 1.2113 on the same 1,000 events; with ``model.prior_direction=moment``
+1.2237-1.2254); the early-stopping rung is at step 40 (2 reports).
 The table runs the original table's two columns (the original network before and after
 normalization) with one seed: a full-size cell took 144 s of wall (113 s of training on one
 core) in an idle ``make sweep`` on a 2-core machine, and this project's two columns are 10 more
@@ -254,12 +255,13 @@ class EarlyStopOptions:
     """Reports every search trial makes before early stopping may end it (2: on CPUs step 40).
     Measured with ``benchmarks/rung_fidelity.py`` (8 CPU search trials run to their end, one
     thread, 1,000 held-out events): the Spearman correlation of a trial's value at step 40 with
-    its final value is 0.952 in trials of 60 steps (today's CPU preset) and 0.881 in trials of
-    100 steps (0.905 at step 20, 0.167 at step 60, where trials at lr >= 7e-4 pass through a
-    bump of up to +0.006 rad, 0.524 at step 80). The trials' final values span only ~0.002 rad:
-    with the moment prior the model starts near the line fit's level and moves little in 100
-    steps, so any rung ranks small differences. (With the old zero start a step-40 rung ranked
-    noise: every trial still sat at ~1.58 rad.)"""
+    its final value is 0.929 in trials of 60 steps (today's CPU preset, starting from the line
+    fit; 0.429 at step 20) and was 0.952 with the moment prior; 0.881 in trials of 100 steps
+    with the moment prior (0.905 at step 20, 0.167 at step 60, where trials at lr >= 7e-4 pass
+    through a bump of up to +0.006 rad, 0.524 at step 80). The trials' final values span only
+    ~0.002 rad: the model starts at its prior's level and moves little in 60-100 steps, so any
+    rung ranks small differences. (With the old zero start a step-40 rung ranked noise: every
+    trial still sat at ~1.58 rad.)"""
     reduction_factor: int = ASHA_REDUCTION_FACTOR
     """At each rung only the best 1/reduction_factor of the trials recorded so far continue."""
     validate_every_report: bool = False

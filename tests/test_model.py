@@ -298,7 +298,7 @@ def test_moment_direction_points_where_the_muon_came_from(normalize: bool) -> No
     # With the readout dominating the head, the prediction is the moment direction: for a
     # straight track it is the true origin direction (the sign the metric needs).
     came_from = torch.nn.functional.normalize(torch.tensor([0.3, -0.5, 0.8]), dim=0)
-    model = make_model(normalize=normalize)
+    model = make_model(normalize=normalize, prior_direction="moment")
     with torch.no_grad():
         model.moment_readout.weight.copy_(100.0 * torch.eye(3))
         out = model(track_event(came_from))
@@ -310,7 +310,8 @@ def test_moment_direction_is_unit_length_whatever_the_input_scale(normalize: boo
     # Raw moments reach ~1e6 m ns with normalize=false; the readout sees only their direction,
     # so it adds no raw-scale path. A one-DOM event (the second) has no moment: zero vector.
     with torch.no_grad():
-        feats = make_model(normalize=normalize).forward_features(make_batch(EVENT_DOM_LENGTHS))
+        model = make_model(normalize=normalize, prior_direction="moment")
+        feats = model.forward_features(make_batch(EVENT_DOM_LENGTHS))
     torch.testing.assert_close(
         feats.prior_dir.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
     )
@@ -383,6 +384,6 @@ def test_line_fit_prior_starts_the_model_at_the_line_fit() -> None:
         from_moment = make_model(prior_direction="moment")(batch).direction
     assert angular_distance(from_fit, fit).max().item() < 0.05
     assert angular_distance(from_moment, fit).max().item() > 0.5
-    assert ModelConfig().prior_direction == "moment"
+    assert ModelConfig().prior_direction == "line_fit"  # the default
     with pytest.raises(ValueError, match="prior_direction must be 'moment'"):
         ModelConfig(prior_direction="linefit")  # type: ignore[arg-type]

@@ -48,10 +48,21 @@ def line_fit_direction(
     ev = torch.repeat_interleave(
         torch.arange(n_events, device=device), batch.cu_doms[1:] - batch.cu_doms[:-1]
     )  # (D,) event of each DOM
-    first = batch.pulses[batch.cu_pulses[:-1]]  # (D, 3): a DOM's pulses are in time order
-    t = first[:, 0].double()
+    # The earliest pulse of each DOM (found, not assumed at the DOM's start: the model's
+    # prediction does not depend on the order of pulses within a DOM, and neither does this).
+    n_doms = batch.cu_pulses.numel() - 1
+    dom = torch.repeat_interleave(torch.arange(n_doms, device=device), batch.dom_lengths())
+    time = batch.pulses[:, 0]
+    t_min = torch.full((n_doms,), torch.inf, dtype=time.dtype, device=device)
+    t_min = t_min.scatter_reduce(0, dom, time, "amin")
+    index = torch.arange(time.numel(), device=device)
+    at_min = torch.where(time == t_min[dom], index, time.numel())
+    first = torch.full((n_doms,), time.numel(), device=device).scatter_reduce(
+        0, dom, at_min, "amin"
+    )  # (D,) the earliest pulse; of equal times, the first in the batch's order
+    t = t_min.double()
     x = batch.dom_xyz.double()
-    hlc = first[:, 2] == 0
+    hlc = batch.pulses[first, 2] == 0
 
     def per_event(v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((n_events, *v.shape[1:]), dtype=torch.float64, device=device)

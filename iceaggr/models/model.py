@@ -89,24 +89,25 @@ class ModelConfig:
     attention: Literal["packed", "padded"] = "packed"
     """"packed" (length buckets) or "padded" (naive reference, same parameters)."""
     moment_prior: float = 1.0
-    """Initial weight of the event's moment direction (the line fit's direction, see
-    ``IceAggrModel.__init__``) in the direction logits: the readout starts as
-    ``moment_prior * identity``, so the untrained prediction is ``normalize(moment_prior *
-    moment_dir + head)`` with the head's output ~0.02: the model starts from the line fit and
-    learns a correction. 0 is the earlier zero init, under which every trial sat at ~1.58 rad
-    for ~60 steps (the flat start; benchmarks/learning.py, lr 1e-3, batch 64, 500 held-out
-    events, one thread on a 2-core CPU: 1.5968 rad at step 20, 1.3031 at 100; the default 1:
-    1.2123 and 1.2068; the line fit 1.1962). 0.3 let the head's shared direction back in at
-    first (1.2452 rad at step 10, 1.2180 at 20; 1.2069 at 60, the default 1.2096). Ignored by
-    arch "original"."""
-    prior_direction: Literal["moment", "line_fit"] = "moment"
-    """The per-event direction that ``moment_prior`` weighs: "moment", the direction of the
-    event's mean position-time moment computed from the DOM summaries (a line fit without its
-    hit selection and reweighting); "line_fit", the improved line fit itself
-    (:func:`iceaggr.models.line_fit.line_fit_direction`, the baseline printed beside every
-    sweep) of the whole event, made by the loader (``DomBatch.line_fit``; for a batch made
-    otherwise, :func:`iceaggr.models.line_fit.line_fit_direction` on its kept pulses). Ignored by
-    arch "original"."""
+    """Initial weight of the event's prior direction (``prior_direction``) in the direction
+    logits: the readout starts as ``moment_prior * identity``, so the untrained prediction is
+    ``normalize(moment_prior * prior_dir + head)`` with the head's output ~0.02: the model
+    starts from the prior and learns a correction, as seeded reconstructions do. 0 is the
+    earlier zero init, under which every trial sat at ~1.58 rad for ~60 steps (the flat start;
+    benchmarks/learning.py, lr 1e-3, batch 64, 500 held-out events, one thread on a 2-core CPU:
+    1.5968 rad at step 20, 1.3031 at 100; 1 with the moment direction: 1.2123 and 1.2068; the
+    line fit 1.1962). 0.3 (moment direction) let the head's shared direction back in at first
+    (1.2452 rad at step 10, 1.2180 at 20; 1.2069 at 60, 1: 1.2096). Ignored by arch
+    "original"."""
+    prior_direction: Literal["moment", "line_fit"] = "line_fit"
+    """The per-event direction that ``moment_prior`` weighs. "line_fit" (the default): the
+    improved line fit of the whole event, the baseline printed beside every sweep, made by the
+    loader from all the event's pulses (``DomBatch.line_fit``; for a batch made otherwise,
+    :func:`iceaggr.models.line_fit.line_fit_direction` on its kept pulses). "moment": the
+    direction of the event's mean position-time moment from the DOM summaries, a line fit
+    without its hit selection and reweighting, 0.011 rad worse than the line fit on the
+    synthetic held-out events (see the README, "the moment prior and the line-fit prior").
+    Ignored by arch "original"."""
 
     @property
     def uses_line_fit(self) -> bool:
@@ -371,8 +372,10 @@ class IceAggrModel(nn.Module):
         # init the head alone gives R ~0.94), so for ~60 steps the head's shared, batch-mean
         # direction outgrew the moment readout and every event got one direction (~1.58 rad;
         # R of the held-out predictions 0.999 at step 10, benchmarks/learning.py).
-        # Started at the identity, the untrained model is the moment direction (the head adds
-        # ~0.02) and training learns a correction, as seeded reconstructions do.
+        # Started at the identity, the untrained model is the prior direction (the head adds
+        # ~0.02) and training learns a correction, as seeded reconstructions do. The prior is
+        # the line fit itself by default (cfg.prior_direction), the moment direction on request;
+        # the map is the same either way.
         self.moment_readout = nn.Linear(3, 3, bias=False)
         with torch.no_grad():
             self.moment_readout.weight.copy_(cfg.moment_prior * torch.eye(3))

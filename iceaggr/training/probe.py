@@ -164,7 +164,7 @@ class Cell:
     turns toward the held-out events' mean direction fails it."""
     improved: bool = False
     """The held-out error fell over the steps by more than two paired standard errors. This
-    project's model starts from each event's moment direction (``model.moment_prior``), so it
+    project's model starts from each event's line fit (``model.prior_direction``), so it
     beats the constant before its first step: for it, this says what the steps added."""
     collapsed: bool = False
     """R after the last step >= ``train.collapse_resultant``."""

@@ -304,7 +304,7 @@ def format_learning(
         "constant direction on the same events (vs constant: the difference, rad) by more than "
         f"{LEARNED_Z:g} paired standard errors; held-out: the change of that error over the "
         "steps (fell: by more than as many standard errors). This project's model starts from "
-        "each event's moment direction (model.moment_prior), so it beats the constant before "
+        "each event's line fit (model.prior_direction), so it beats the constant before "
         "its first step; for it, held-out says what the steps added. collapsed: the mean "
         f"resultant length R of the predictions is >= {COLLAPSE_RESULTANT:g} (1: one direction "
         "for every event; the "
