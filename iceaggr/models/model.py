@@ -3,9 +3,10 @@
 Pulses -> :class:`~iceaggr.models.normalization.InputNormalizer` -> pulse embedding -> DOM
 transformer over each DOM's pulses -> masked-mean pool -> + geometry embedding + DOM-summary
 embedding -> event transformer over the event's DOMs -> masked-mean pool (+ an embedding of the
-event-mean DOM summaries) -> MLP head, plus a linear readout of the event's moment direction (the
-line fit's direction, see ``IceAggrModel.__init__``) -> unit direction and a von Mises-Fisher
-concentration ``kappa``.
+event-mean DOM summaries) -> MLP head, plus a linear readout of the event's prior direction
+(``ModelConfig.prior_direction``: the improved line fit by default, or the moment direction; the
+readout keeps its name ``moment_readout``, see ``IceAggrModel.__init__``) -> unit direction and
+a von Mises-Fisher concentration ``kappa``.
 
 Sequences vary wildly in length (~78% of DOMs hold one pulse, a few hold hundreds; events hold 1
 to thousands of DOMs), so attention is "packed": sequences are grouped into power-of-two length
